@@ -1,0 +1,53 @@
+# me5 — `make help` lists the targets.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU machines get the local CPU wheel; with a GPU (nvidia-smi present) pip keeps/installs the CUDA build.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONWARNINGS ?= ignore::DeprecationWarning
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train test test-full lint format sweep-example notebook clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_SPEC)" 2>&1 | { grep -v "is ignored" || true; }
+	$(PIP) install -q -c constraints.txt -e ".[dev]" 2>&1 | { grep -v "is ignored" || true; }
+	$(PY) -c "import torch, lightning, transformers, hydra, wandb, datasets, me5; print('torch', torch.__version__)"
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install me5 with its test tools
+
+train: setup ## run the embedded default: sample data, tiny model, stage 1 -> stage 2 -> evaluation (CPU, offline)
+	$(PY) -m me5.train $(ARGS)
+
+test: setup ## the default test suite (fast; skips `slow` and `gpu`)
+	$(PY) -m pytest -q -m "not slow and not gpu" $(ARGS)
+
+test-full: setup ## every test, slow ones included
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup ## ruff
+	$(VENV)/bin/ruff check src tests
+
+format: setup ## ruff format + fixes
+	$(VENV)/bin/ruff check --fix src tests && $(VENV)/bin/ruff format src tests
+
+sweep-example: setup ## a 3-run temperature sweep on the sample data (multirun, one W&B group)
+	$(PY) -m me5.train -m loss.temperature=0.01,0.02,0.05 $(ARGS)
+
+notebook: setup ## execute notebooks/run_report.ipynb on the latest run (outputs are not committed)
+	$(PIP) install -q -c constraints.txt -e ".[notebook]" 2>&1 | { grep -v "is ignored" || true; }
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute notebooks/run_report.ipynb --output /tmp/run_report.ipynb
+
+clean: ## remove generated data, runs and caches (keeps .venv)
+	rm -rf data/sample outputs multirun .pytest_cache

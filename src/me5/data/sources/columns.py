@@ -1,0 +1,32 @@
+"""A source whose records already hold the pair in named columns (most hub pair datasets)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from me5.data.base import TextPairDataModule
+from me5.errors import DataError
+
+
+class ColumnPairs(TextPairDataModule):
+    """Reads ``query``/``positive``/``negatives``/``teacher_scores``/``lang`` from the columns named in ``columns``.
+
+    Args:
+        columns: schema field -> raw column, e.g. ``{query: title, positive: text}``. Unmapped schema fields are
+            read under their own name when present.
+        instruction: the task definition used with the instruction prompt style (mE5-large-instruct).
+    """
+
+    def __init__(self, path: str | None = None, *, columns: Mapping[str, str] | None = None, **kwargs):
+        super().__init__(path, **kwargs)
+        self.columns = dict(columns or {})
+
+    def convert(self, record: Mapping) -> Mapping:
+        out = {}
+        for field in ("query", "positive", "negatives", "teacher_scores", "lang"):
+            column = self.columns.get(field, field)
+            if column in record:
+                out[field] = record[column]
+            elif field in self.columns:
+                raise DataError(f"raw column '{column}' is missing (columns: {sorted(record)})", field=field)
+        return out

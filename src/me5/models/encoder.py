@@ -1,0 +1,203 @@
+"""The bi-encoder: a Hugging Face backbone, a pooler and L2 normalisation.
+
+One shared encoder embeds queries and passages (mE5, E5); the two sides differ only in their text prefix
+(``query: `` / ``passage: ``) and their maximum length, which the data collator applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from me5.errors import ConfigError
+from me5.models.pooling import POOLERS
+
+log = logging.getLogger(__name__)
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+class Encoder(nn.Module):
+    """Embeds tokenised text into unit vectors.
+
+    Args:
+        backbone: any ``transformers`` model whose output has ``last_hidden_state`` (B, T, D).
+        pooling: ``mean`` (mE5), ``cls`` or ``last``.
+        normalize: L2-normalise the pooled vector (mE5 scores are cosines).
+        autocast: ``bf16``, ``fp16`` or ``fp32``: the dtype of the forward pass under ``torch.autocast``.
+            Weights stay in fp32; Lightning's ``precision`` setting is the usual way to pick this, and this
+            field covers inference outside a Trainer.
+    """
+
+    def __init__(self, backbone: nn.Module, *, pooling: str = "mean", normalize: bool = True, autocast: str = "fp32"):
+        super().__init__()
+        if pooling not in POOLERS:
+            raise ConfigError("model.encoder.pooling", f"unknown pooling '{pooling}'; choose one of {sorted(POOLERS)}")
+        if autocast not in _AUTOCAST_DTYPES:
+            raise ConfigError("model.encoder.autocast", f"unknown '{autocast}'; choose one of {sorted(_AUTOCAST_DTYPES)}")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.normalize = normalize
+        self.autocast = autocast
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        pooling: str = "mean",
+        normalize: bool = True,
+        autocast: str = "fp32",
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
+        tokenizer=None,
+    ) -> Encoder:
+        """Load a backbone by hub id (``FacebookAI/xlm-roberta-base``) or local folder, without a pooler head.
+
+        ``tokenizer`` is optional and only checked: a tokenizer larger than the embedding table is an error.
+        """
+        from transformers import AutoConfig, AutoModel
+
+        try:
+            config = AutoConfig.from_pretrained(name_or_path)
+        except OSError as err:
+            raise ConfigError(
+                "model.name_or_path",
+                f"cannot load '{name_or_path}': not a local folder with config.json, and the hub is unreachable "
+                f"or has no such model ({err.__class__.__name__}: {str(err).splitlines()[0]})",
+            ) from err
+        kwargs = {"attn_implementation": attn_implementation}
+        if config.model_type in {"xlm-roberta", "bert", "roberta"}:
+            kwargs["add_pooling_layer"] = False  # unused pooler params break DDP without find_unused_parameters
+        backbone = AutoModel.from_pretrained(name_or_path, **kwargs)
+        _check_vocab(backbone, tokenizer)
+        enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast)
+        if gradient_checkpointing:
+            enc.enable_activation_checkpointing()
+        return enc
+
+    @classmethod
+    def from_scratch(
+        cls,
+        *,
+        tokenizer,
+        model_type: str = "xlm-roberta",
+        pooling: str = "mean",
+        normalize: bool = True,
+        autocast: str = "fp32",
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
+        **config_kwargs,
+    ) -> Encoder:
+        """Build a randomly initialised backbone from a config (the ``tiny`` model), sized to ``tokenizer``."""
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.for_model(
+            model_type,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id,
+            eos_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id,
+            attn_implementation=attn_implementation,
+            **config_kwargs,
+        )
+        kwargs = {"add_pooling_layer": False} if model_type in {"xlm-roberta", "bert", "roberta"} else {}
+        backbone = AutoModel.from_config(config, **kwargs)
+        enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast)
+        if gradient_checkpointing:
+            enc.enable_activation_checkpointing()
+        return enc
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each layer's activations in backward (for ``large``); trades ~30% compute for memory."""
+        fn = getattr(self.backbone, "gradient_checkpointing_enable", None)
+        if fn is None:
+            raise ConfigError("model.encoder.gradient_checkpointing", f"{type(self.backbone).__name__} does not support it")
+        fn(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T) token ids and mask -> (B, D) embeddings (unit norm when ``normalize``)."""
+        dtype = _AUTOCAST_DTYPES[self.autocast]
+        ctx = (
+            torch.autocast(device_type=input_ids.device.type, dtype=dtype)
+            if dtype is not None
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            hidden_BTD = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            pooled_BD = POOLERS[self.pooling](hidden_BTD, attention_mask)
+        pooled_BD = pooled_BD.float()
+        return F.normalize(pooled_BD, dim=-1) if self.normalize else pooled_BD
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str],
+        tokenizer,
+        *,
+        prefix: str = "",
+        max_length: int = 512,
+        batch_size: int = 64,
+        device: torch.device | str | None = None,
+        show_progress: bool = False,
+        desc: str = "encode",
+    ) -> Tensor:
+        """Embed raw texts (prefix added here) in eval mode; returns a CPU float tensor (N, D).
+
+        Texts are sorted by length before batching so padding costs little, then restored to input order.
+        """
+        from tqdm.auto import tqdm
+
+        was_training = self.training
+        self.eval()
+        device = torch.device(device) if device is not None else next(self.parameters()).device
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        out = torch.empty(len(texts), self.dim)
+        starts = range(0, len(texts), batch_size)
+        for start in tqdm(starts, desc=desc, disable=not show_progress, leave=False):
+            idx = order[start : start + batch_size]
+            enc = tokenizer(
+                [prefix + texts[i] for i in idx],
+                max_length=max_length,
+                truncation=True,
+                padding=True,
+                pad_to_multiple_of=8,
+                return_tensors="pt",
+            )
+            emb = self(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+            out[torch.tensor(idx)] = emb.float().cpu()
+        self.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ export
+    def save_pretrained(self, out_dir: str | Path, tokenizer, **kwargs) -> Path:
+        """Write a folder loadable by ``transformers.AutoModel`` and ``sentence_transformers.SentenceTransformer``.
+
+        See :func:`me5.export.export_encoder` for the keyword arguments (prefixes, max length).
+        """
+        from me5.export import export_encoder
+
+        return export_encoder(self, tokenizer, out_dir, **kwargs)
+
+
+def _check_vocab(backbone: nn.Module, tokenizer) -> None:
+    if tokenizer is None:
+        return
+    n_emb = backbone.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_emb:
+        raise ConfigError(
+            "model.tokenizer",
+            f"the tokenizer has {len(tokenizer)} tokens but the backbone's embedding table only {n_emb}",
+        )

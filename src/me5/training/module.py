@@ -1,0 +1,237 @@
+"""The two training stages as LightningModules sharing one implementation.
+
+Both stages embed queries and passages with one shared :class:`~me5.models.encoder.Encoder`, gather the
+passages of every rank (cross-device negatives; each rank scores only its own queries, "local loss"),
+optionally mask duplicate passages, and minimise a :class:`~me5.losses.WeightedLoss`. They differ in their
+data (stage 1: weak pairs, in-batch negatives only; stage 2: hard negatives and teacher scores) and their
+default loss terms, which the config chooses.
+
+Optimisation is manual so that gradient caching (``chunk_rows``/``chunk_tokens``) can run its several
+backward passes per step; without chunking it is one plain forward/backward.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from me5.distributed import all_reduce_gradients, gather_no_grad, gather_with_grad
+from me5.errors import ConfigError
+from me5.gradcache import gradcache_step
+from me5.losses import EmbeddingBatch, WeightedLoss
+from me5.models.encoder import Encoder
+from me5.training.strategy import AllReduceDDPStrategy
+
+log = logging.getLogger(__name__)
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias", "norm.weight")
+
+
+class EmbeddingModule(L.LightningModule):
+    """Contrastive training of a bi-encoder (shared by both stages).
+
+    Args:
+        encoder: the model to train.
+        loss: the weighted loss terms of this stage.
+        optimizer: ``functools.partial`` of a torch optimiser, bound here to the parameter groups
+            (weight decay is not applied to biases and norms).
+        scheduler: ``functools.partial`` taking the optimiser (``me5.training.schedules.warmup_decay``) or None.
+        chunk_rows / chunk_tokens: gradient caching chunk size in texts or in padded tokens; ``None`` for both
+            runs one plain forward/backward over the whole per-device batch.
+        gather_negatives: score each query against the passages of every rank (True) or of its own rank only.
+        mask_duplicates: exclude from a query's candidates any other passage with the same text as its positive.
+        grad_clip: max global gradient norm (``None``: no clipping).
+        tokenizer: needed only for the retrieval validation step.
+        evaluators: ``name -> RetrievalEvaluator`` run as the validation step.
+    """
+
+    stage_name = "embed"
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        loss: WeightedLoss,
+        *,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        chunk_rows: int | None = None,
+        chunk_tokens: int | None = None,
+        gather_negatives: bool = True,
+        mask_duplicates: bool = True,
+        grad_clip: float | None = 1.0,
+        tokenizer=None,
+        evaluators: Mapping | None = None,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.encoder = encoder
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        if chunk_rows is not None and chunk_tokens is not None:
+            raise ConfigError("stage.chunk_tokens", "set chunk_rows or chunk_tokens, not both")
+        self.chunk_rows = chunk_rows
+        self.chunk_tokens = chunk_tokens
+        self.gather_negatives = gather_negatives
+        self.mask_duplicates = mask_duplicates
+        self.grad_clip = grad_clip
+        self.tokenizer = tokenizer
+        self.evaluators = dict(evaluators or {})
+        self._t_last: float | None = None
+        self._seen = {"pairs": 0, "truncated_queries": 0, "truncated_passages": 0}
+        # built objects are not hyperparameters; the app stores the resolved config in the checkpoint
+        self.save_hyperparameters(
+            ignore=["encoder", "loss", "optimizer", "scheduler", "tokenizer", "evaluators"], logger=False
+        )
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY) else decay).append(p)
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+
+    # ------------------------------------------------------------------ the loss on embeddings
+    def embedding_batch(self, q_BD: Tensor, p_PD: Tensor, batch: Mapping) -> tuple[EmbeddingBatch, int]:
+        """Gather passages over ranks and build the loss input; returns it and the number of masked columns."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        group = int(batch["group_size"])
+        hashes = batch["passage_hash"]
+        if self.gather_negatives and world > 1:
+            p_PD = gather_with_grad(p_PD)
+            hashes = gather_no_grad(hashes)
+        else:
+            rank = 0
+        teacher = batch.get("teacher_scores")
+        mask, n_masked = None, 0
+        if self.mask_duplicates:
+            mask, n_masked = duplicate_mask(hashes, group_size=group, rank=rank, local_batch=q_BD.size(0))
+        eb = EmbeddingBatch.build(q_BD, p_PD, group_size=group, rank=rank, teacher_scores=teacher, candidate_mask=mask)
+        return eb, n_masked
+
+    def training_step(self, batch: Mapping, batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        q_inputs = (batch["query_input_ids"], batch["query_attention_mask"])
+        p_inputs = (batch["passage_input_ids"], batch["passage_attention_mask"])
+        stats = {}
+
+        def loss_fn(q_BD: Tensor, p_PD: Tensor):
+            eb, stats["masked"] = self.embedding_batch(q_BD, p_PD, batch)
+            return self.loss(eb)
+
+        if self.chunk_rows is None and self.chunk_tokens is None:
+            loss, parts = loss_fn(self.encoder(*q_inputs), self.encoder(*p_inputs))
+            self.manual_backward(loss)
+        else:
+            loss, parts = gradcache_step(
+                self.encoder,
+                q_inputs,
+                p_inputs,
+                loss_fn,
+                chunk_rows=self.chunk_rows,
+                chunk_tokens=self.chunk_tokens,
+                backward_fn=self.manual_backward,
+            )
+        if isinstance(self.trainer.strategy, AllReduceDDPStrategy) and self.trainer.world_size > 1:
+            all_reduce_gradients([p for p in self.parameters() if p.grad is not None])
+        if self.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sch = self.lr_schedulers()
+        if sch is not None:
+            sch.step()
+        self._log_step(batch, loss, parts, stats.get("masked", 0))
+        return loss.detach()
+
+    def _log_step(self, batch: Mapping, loss: Tensor, parts: Mapping[str, Tensor], n_masked: int) -> None:
+        b = batch["query_input_ids"].size(0)
+        self._seen["pairs"] += b * self.trainer.world_size
+        self._seen["truncated_queries"] += int(batch["n_truncated_queries"])
+        self._seen["truncated_passages"] += int(batch["n_truncated_passages"])
+        metrics = {"train/loss": loss.detach()}
+        metrics.update({f"train/loss/{k}": v.detach() for k, v in parts.items()})
+        metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        metrics["train/duplicates_masked"] = float(n_masked)
+        for name, term in self.loss.terms.items():
+            if hasattr(term, "temperature"):
+                metrics[f"train/temperature/{name}"] = float(term.temperature)
+        now = time.perf_counter()
+        if self._t_last is not None:
+            metrics["train/pairs_per_s"] = b * self.trainer.world_size / max(now - self._t_last, 1e-9)
+        self._t_last = now
+        metrics["data/pairs_seen"] = float(self._seen["pairs"])
+        metrics["data/truncated_queries"] = float(self._seen["truncated_queries"])
+        metrics["data/truncated_passages"] = float(self._seen["truncated_passages"])
+        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=b)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=b)
+
+    # ------------------------------------------------------------------ retrieval validation
+    def val_dataloader(self) -> DataLoader:
+        """One "batch" per evaluator name: the validation step runs a whole retrieval evaluation."""
+        return DataLoader(list(self.evaluators), batch_size=None)
+
+    def validation_step(self, name: str, batch_idx: int) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError("retrieval validation needs the tokenizer")
+        scores = self.evaluators[name].evaluate(self.encoder, self.tokenizer, device=self.device)
+        self.log_dict({f"val/{k}": v for k, v in scores.items()}, batch_size=1, rank_zero_only=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["me5_stage"] = self.stage_name
+        checkpoint["me5_seen"] = dict(self._seen)
+        # dropout masks continue exactly after a resume only if the RNG does
+        checkpoint["me5_rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._seen.update(checkpoint.get("me5_seen", {}))
+        self._pending_rng = checkpoint.get("me5_rng")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # restored here, not at load time: building the dataloader between the two draws from the RNG
+        rng = getattr(self, "_pending_rng", None)
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            self._pending_rng = None
+
+
+class ContrastivePretraining(EmbeddingModule):
+    """Stage 1 (mE5 §2): InfoNCE over in-batch negatives on ~1B weakly supervised pairs, τ = 0.01."""
+
+    stage_name = "pretrain"
+
+
+class SupervisedFinetuning(EmbeddingModule):
+    """Stage 2 (mE5 §2): in-batch + mined hard negatives, plus KL distillation from a cross-encoder teacher."""
+
+    stage_name = "finetune"
+
+
+def duplicate_mask(hash_P: Tensor, *, group_size: int, rank: int, local_batch: int) -> tuple[Tensor, int]:
+    """Mask (False) candidates whose text equals a query's positive, except the positive itself.
+
+    Web pairs repeat passages; without the mask a copy of the positive counts as a negative of itself.
+    Returns the (B, P) candidate mask and the number of masked entries.
+    """
+    pos_B = (rank * local_batch + torch.arange(local_batch, device=hash_P.device)) * group_size
+    same_BP = hash_P[pos_B].unsqueeze(1) == hash_P.unsqueeze(0)
+    same_BP[torch.arange(local_batch, device=hash_P.device), pos_B] = False
+    return ~same_BP, int(same_BP.sum())

@@ -1,0 +1,165 @@
+"""Every config group option composes, and every ``_target_`` resolves and accepts its keyword arguments.
+
+Nodes that only need local objects are really instantiated; nodes that would download (hub models) or need a
+GPU are checked by resolving the target and binding the config's kwargs to its signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from hydra._internal.utils import _locate
+from me5.errors import ConfigError
+from me5.pipeline import build_loss, validate_config
+from tests.helpers import compose_cfg, group_options
+
+# arguments the app passes at run time, not in the config
+RUNTIME_KWARGS = {"encoder", "loss", "tokenizer", "evaluators", "save_dir", "run_name", "stage", "config",
+                  "max_steps", "logger", "callbacks", "default_root_dir", "val_check_interval", "limit_val_batches"}
+
+
+def _check_targets(node, path="") -> int:
+    """Resolve every _target_ and bind its kwargs; returns how many targets were checked."""
+    n = 0
+    if OmegaConf.is_dict(node):
+        if "_target_" in node:
+            fn = _locate(node["_target_"])
+            kwargs = {k: v for k, v in node.items() if not str(k).startswith("_")}
+            sig = inspect.signature(fn)
+            try:
+                sig.bind_partial(**kwargs)
+            except TypeError as err:
+                raise AssertionError(f"{path}: {node['_target_']} does not accept {sorted(kwargs)}: {err}") from err
+            n += 1
+        for k, v in node.items():
+            n += _check_targets(v, f"{path}.{k}")
+    elif OmegaConf.is_list(node):
+        for i, v in enumerate(node):
+            n += _check_targets(v, f"{path}[{i}]")
+    return n
+
+
+@pytest.mark.parametrize("group", ["model", "data", "trainer", "logger", "eval", "experiment"])
+def test_every_option_composes_and_targets_resolve(group, tmp_path):
+    for option in group_options(group):
+        cfg = compose_cfg([f"{group}={option}"], tmp_path=tmp_path)
+        OmegaConf.resolve(cfg) if group != "experiment" else None
+        assert _check_targets(cfg) > 5, f"{group}={option}"
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("option", group_options("data"))
+def test_data_mixtures_instantiate(option, tmp_path):
+    cfg = compose_cfg([f"data={option}"], tmp_path=tmp_path)
+    for stage in ("pretrain", "finetune"):
+        dm = instantiate(cfg.data[stage])
+        weights = dm.weights()
+        assert set(weights) == set(dm.sources()) and sum(weights.values()) > 0
+
+
+def test_paper_mixture_weights_are_tables_1_and_2(tmp_path):
+    cfg = compose_cfg(["data=paper"], tmp_path=tmp_path)
+    t1 = dict(cfg.data.pretrain.weights)
+    assert t1 == {"wikipedia": 150, "mc4": 160, "cc_news": 160, "nllb": 160, "reddit": 160, "s2orc": 50,
+                  "stackexchange": 50, "xp3": 80, "sbert": 10}
+    assert sum(t1.values()) == 980  # "about 1B" sampled pairs (millions)
+    t2 = dict(cfg.data.finetune.weights)
+    assert sum(t2.values()) == 1596 and t2["msmarco_passage"] == 500 and t2["miracl"] == 40
+
+
+@pytest.mark.parametrize("option", ["tiny", "small", "base", "large", "large_instruct"])
+def test_model_paper_hyperparameters(option, tmp_path):
+    cfg = compose_cfg([f"model={option}"], tmp_path=tmp_path)
+    expected = {"small": (3e-4, 3e-5), "base": (2e-4, 2e-5), "large": (1e-4, 1e-5), "large_instruct": (1e-4, 1e-5)}
+    if option in expected:
+        assert (cfg.model.pretrain.lr, cfg.model.finetune.lr) == expected[option]
+        assert cfg.model.pretrain.global_batch_size == 32768 and cfg.model.finetune.global_batch_size == 512
+        assert cfg.stages.pretrain.module.optimizer.lr == expected[option][0]
+    backbone = {"small": "microsoft/Multilingual-MiniLM-L12-H384", "base": "FacebookAI/xlm-roberta-base",
+                "large": "FacebookAI/xlm-roberta-large", "large_instruct": "FacebookAI/xlm-roberta-large"}
+    if option in backbone:
+        assert cfg.model.encoder.name_or_path == backbone[option]
+    assert cfg.model.prompt_style == ("instruct" if option == "large_instruct" else "e5")
+
+
+def test_cpu_trainer_and_logger_instantiate(tmp_path):
+    cfg = compose_cfg(["logger=csv"], tmp_path=tmp_path)
+    trainer = instantiate(cfg.trainer, max_steps=1, logger=False, enable_progress_bar=False)
+    assert trainer.max_steps == 1
+    logger = instantiate(cfg.logger, save_dir=str(tmp_path), run_name="x", stage="pretrain", config={"a": 1})
+    assert logger.log_dir.endswith("pretrain")
+    assert instantiate(compose_cfg(["logger=none"], tmp_path=tmp_path).logger, save_dir="x", run_name="x", stage="s") is False
+
+
+def test_ddp_strategy_instantiates(tmp_path):
+    cfg = compose_cfg(["trainer=ddp"], tmp_path=tmp_path)
+    strategy = instantiate(cfg.trainer.strategy)
+    assert type(strategy).__name__ == "AllReduceDDPStrategy"
+
+
+def test_loss_terms_per_stage(tmp_path):
+    cfg = compose_cfg([], tmp_path=tmp_path)
+    pre = build_loss(cfg.loss.terms, "pretrain")
+    fin = build_loss(cfg.loss.terms, "finetune")
+    assert set(pre.terms) == {"infonce"} and set(fin.terms) == {"infonce", "kd"}
+    assert fin.weights == {"infonce": 0.2, "kd": 1.0}
+    only = compose_cfg(["loss=[infonce]"], tmp_path=tmp_path)
+    assert set(build_loss(only.loss.terms, "finetune").terms) == {"infonce"}
+
+
+def test_temperature_override_reaches_every_term(tmp_path):
+    cfg = compose_cfg(["loss.temperature=0.05"], tmp_path=tmp_path)
+    assert cfg.loss.terms.infonce.term.temperature == 0.05 and cfg.loss.terms.kd.term.temperature == 0.05
+
+
+def test_unknown_override_and_model_fail_with_the_name(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="no_such_key"):
+        compose_cfg(["+x=1", "no_such_key=3"], tmp_path=tmp_path)
+    with pytest.raises(ConfigCompositionException, match="huge"):
+        compose_cfg(["model=huge"], tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["stages.pretrain.per_device_batch_size=128"], "stages.pretrain.per_device_batch_size"),
+        (["stages.pretrain.per_device_batch_size=48"], "stages.pretrain.per_device_batch_size"),
+        (["stages.pretrain.module.chunk_rows=8", "stages.pretrain.module.chunk_tokens=512"], "chunk_tokens"),
+        (["loss.temperature=0"], "loss.temperature"),
+        (["+loss.terms.infonce.weight.stage3=1.0"], "loss.terms.infonce.weight.stage3"),
+        (["loss.terms.infonce.weight.pretrain=0"], "weight.pretrain"),
+        (["stages.finetune.max_steps=0"], "stages.finetune.max_steps"),
+    ],
+)
+def test_contradictory_overrides_name_the_field(overrides, field, tmp_path):
+    cfg = compose_cfg(overrides, tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("*", r"\*")):
+        validate_config(cfg)
+
+
+def test_batch_must_divide_world_size(tmp_path):
+    cfg = compose_cfg([], tmp_path=tmp_path)
+    validate_config(cfg, world_size=2)
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        validate_config(cfg, world_size=3)
+    cfg = compose_cfg(["stages.pretrain.per_device_batch_size=32"], tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match="per_device_batch_size"):
+        validate_config(cfg, world_size=4)
+
+
+def test_launchers_compose(tmp_path):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    from tests.helpers import CONF
+
+    for launcher in ("slurm", "local"):
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            cfg = hcompose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+        assert "_target_" in cfg.hydra.launcher
+    assert "submitit" in str(cfg.hydra.launcher._target_) or launcher == "local"

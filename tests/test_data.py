@@ -1,0 +1,214 @@
+"""The data layer on fixtures: reading, validation errors that name file/line/field, counted skips,
+weighted mixing, rank/worker sharding, exact resume, collation."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from me5.data import MixtureDataModule, PairCollator, TextPairDataModule
+from me5.data.base import PairBatchStream
+from me5.data.sources.columns import ColumnPairs
+from me5.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    words = [f"w{i}" for i in range(200)] + ["query:", "passage:", "кошка", "猫", "قطة", "बिल्ली"]
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
+                                   model_max_length=64)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def pairs(n, *, prefix="w", negs=0, lang="en"):
+    out = []
+    for i in range(n):
+        r = {"query": f"{prefix}{i % 200}", "positive": f"{prefix}{(i + 1) % 200} {prefix}{(i + 2) % 200}", "lang": lang}
+        if negs:
+            r["negatives"] = [f"{prefix}{(i + 3 + k) % 200}" for k in range(negs)]
+            r["teacher_scores"] = [5.0] + [1.0 - k for k in range(negs)]
+        out.append(r)
+    return out
+
+
+def connected(dm, tokenizer, **kw):
+    dm.connect(tokenizer, **{"global_batch_size": 4, **kw})
+    dm.setup("fit")
+    return dm
+
+
+def test_reads_jsonl_and_parquet(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_jsonl(tmp_path / "a.jsonl", pairs(10))
+    pq.write_table(pa.Table.from_pylist(pairs(7, lang="ru")), tmp_path / "b.parquet")
+    dm = connected(TextPairDataModule(str(tmp_path), name="mix"), tokenizer)
+    assert len(dm.examples) == 17 and dm.counts["read"] == 17
+    assert Counter(e.lang for e in dm.examples) == {"en": 10, "ru": 7}
+
+
+def test_missing_file_names_the_path(tmp_path, tokenizer):
+    dm = TextPairDataModule(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="nope.jsonl"):
+        connected(dm, tokenizer)
+
+
+def test_malformed_line_names_file_and_line(tmp_path, tokenizer):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps(pairs(1)[0]) + "\n" + '{"query": "w1", "positive": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2.*malformed JSON"):
+        connected(TextPairDataModule(str(p)), tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"query": "w1"}, "positive"),
+        ({"query": "w1", "positive": "   "}, "positive"),
+        ({"query": "", "positive": "w2"}, "query"),
+        ({"query": "w1", "positive": "w2", "negatives": ["w3", ""]}, r"negatives\[1\]"),
+        ({"query": "w1", "positive": "w2", "negatives": ["w3"], "teacher_scores": [1.0]}, "teacher_scores"),
+        ({"query": "w1", "positive": 3}, "positive"),
+    ],
+)
+def test_bad_record_names_file_line_field(tmp_path, tokenizer, record, field):
+    p = write_jsonl(tmp_path / "r.jsonl", [*pairs(2), record])
+    with pytest.raises(DataError, match=rf"r\.jsonl:3, field '{field}'"):
+        connected(TextPairDataModule(str(p)), tokenizer)
+
+
+def test_lenient_mode_counts_malformed_and_skips_are_counted(tmp_path, tokenizer):
+    recs = pairs(6, negs=2) + [{"query": "w1"}, {"query": "w1", "positive": "w2 " * 100, "negatives": ["w3", "w4"]}] + pairs(3, negs=1)
+    p = write_jsonl(tmp_path / "r.jsonl", recs)
+    dm = connected(TextPairDataModule(str(p), strict=False, max_chars=50), tokenizer, n_negatives=2)
+    assert dm.counts == Counter({"read": 11, "kept": 6, "skipped/malformed": 1, "skipped/too_long": 1,
+                                 "skipped/too_few_negatives": 3})
+    assert dm.data_counts()["pairs/skipped/too_long"] == 1
+
+
+def test_no_usable_examples_is_an_error(tmp_path, tokenizer):
+    p = write_jsonl(tmp_path / "r.jsonl", pairs(3))
+    with pytest.raises(DataError, match="no usable examples"):
+        connected(TextPairDataModule(str(p)), tokenizer, n_negatives=1)
+
+
+def test_column_source_maps_raw_columns(tmp_path, tokenizer):
+    p = write_jsonl(tmp_path / "wiki.jsonl", [{"section": "w1", "text": "w2 w3"}, {"section": "w4", "text": "w5"}])
+    dm = connected(ColumnPairs(str(p), name="wikipedia", columns={"query": "section", "positive": "text"}, lang="de"),
+                   tokenizer)
+    assert dm.examples[0].query == "w1" and dm.examples[0].lang == "de" and dm.examples[0].source == "wikipedia"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"title": "w1", "text": "w2"}])
+    with pytest.raises(DataError, match="field 'query'.*section"):
+        connected(ColumnPairs(str(bad), columns={"query": "section", "positive": "text"}), tokenizer)
+
+
+def test_collator_shapes_prefixes_truncation(tmp_path, tokenizer):
+    p = write_jsonl(tmp_path / "r.jsonl", pairs(8, negs=3))
+    dm = connected(TextPairDataModule(str(p)), tokenizer, n_negatives=2, require_teacher=True, passage_max_length=4)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["query_input_ids"].shape[0] == 4 and batch["passage_input_ids"].shape[0] == 12
+    assert batch["group_size"] == 3 and batch["teacher_scores"].shape == (4, 3)
+    assert torch.all(batch["teacher_scores"][:, 0] == 5.0)  # the positive's score stays first
+    assert batch["passage_input_ids"].shape[1] == 4 and batch["n_truncated_passages"] > 0
+    assert torch.all(batch["passage_input_ids"][:, 3][batch["passage_attention_mask"][:, 3] == 1] == 2)  # </s> kept
+    ids = batch["query_input_ids"][0][batch["query_attention_mask"][0] == 1].tolist()
+    assert tokenizer.convert_ids_to_tokens(ids)[1] == "query:"
+
+
+def test_symmetric_and_instruct_prefixes(tmp_path):
+    p = write_jsonl(tmp_path / "r.jsonl", pairs(2))
+    src = TextPairDataModule(str(p), symmetric=True, instruction="Retrieve parallel sentences.")
+    ex = src.load_examples()[0]
+    rng = np.random.default_rng(0)
+    item = src.format(ex, n_negatives=0, rng=rng)
+    assert item["query"].startswith("query: ") and item["passages"][0].startswith("query: ")
+    src.prompt_style = "instruct"
+    item = src.format(ex, n_negatives=0, rng=rng)
+    assert item["query"] == "Instruct: Retrieve parallel sentences.\nQuery: w0"
+    assert item["passages"][0].startswith("Instruct: ")  # symmetric: instruction on both sides
+    src.symmetric = False
+    assert src.format(ex, n_negatives=0, rng=rng)["passages"][0] == "w1 w2"  # no prefix on documents
+
+
+def _mixture(tmp_path, weights, n=(300, 100), homogeneous=False):
+    srcs = {}
+    for k, (name, count) in enumerate(zip(weights, n)):
+        p = write_jsonl(tmp_path / f"{name}.jsonl", pairs(count, lang=name))
+        srcs[name] = TextPairDataModule(str(p))
+    return MixtureDataModule(srcs, weights=weights, homogeneous=homogeneous, seed=3)
+
+
+def test_mixture_matches_weights(tmp_path, tokenizer):
+    dm = connected(_mixture(tmp_path, {"a": 3.0, "b": 1.0}), tokenizer, global_batch_size=64)
+    it = iter(dm.train_dataloader())
+    langs = Counter(lang for _ in range(50) for lang in next(it)["lang"])
+    share = langs["a"] / (langs["a"] + langs["b"])
+    # 3200 draws, p=0.75: sd = 0.0077; 4 sd tolerance
+    assert abs(share - 0.75) < 0.031
+
+
+def test_mixture_weight_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.weights\.c"):
+        _mixture(tmp_path, {"a": 1.0, "b": 1.0}).__class__(
+            {"a": TextPairDataModule("x.jsonl")}, weights={"a": 1.0, "c": 2.0})
+    with pytest.raises(ConfigError, match=r"data\.weights\.b"):
+        MixtureDataModule({"a": TextPairDataModule("x.jsonl"), "b": TextPairDataModule("y.jsonl")}, weights={"a": 1.0})
+
+
+def test_homogeneous_global_batches_across_two_ranks(tmp_path, tokenizer):
+    dm = connected(_mixture(tmp_path, {"a": 1.0, "b": 1.0}, homogeneous=True), tokenizer, global_batch_size=8)
+    coll = PairCollator(tokenizer)
+    streams = [PairBatchStream(dm.sources(), dm.weights(), collator=coll, global_batch_size=8, rank=r, world_size=2,
+                               seed=3, homogeneous=True) for r in range(2)]
+    its = [iter(s) for s in streams]
+    seen = set()
+    for _ in range(20):
+        b0, b1 = next(its[0]), next(its[1])
+        langs = set(b0["lang"]) | set(b1["lang"])
+        assert len(langs) == 1
+        seen |= langs
+    assert seen == {"a", "b"}
+
+
+def test_ranks_and_workers_read_disjoint_data_covering_everything(tmp_path, tokenizer):
+    p = write_jsonl(tmp_path / "r.jsonl", [{"query": f"w{i}", "positive": f"w{i}"} for i in range(64)])
+    src = connected(TextPairDataModule(str(p)), tokenizer, global_batch_size=16)
+    coll = PairCollator(tokenizer)
+    got = []
+    for rank in range(2):
+        stream = PairBatchStream(src.sources(), src.weights(), collator=coll, global_batch_size=16, rank=rank, world_size=2)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+        it = iter(loader)
+        for _ in range(4):  # 4 global batches x 16 = one pass over the 64 examples
+            b = next(it)
+            got += [tokenizer.decode(r[m == 1][2:-1]) for r, m in zip(b["query_input_ids"], b["query_attention_mask"])]
+    assert sorted(got) == sorted(f"w{i}" for i in range(64))
+
+
+def test_resume_gives_the_uninterrupted_batch_sequence(tmp_path, tokenizer):
+    dm = connected(_mixture(tmp_path, {"a": 2.0, "b": 1.0}), tokenizer, global_batch_size=8, n_negatives=0)
+    full = [b for _, b in zip(range(12), dm.train_dataloader())]
+    dm.load_state_dict({"consumed_batches": 7, "seed": 3})
+    resumed = [b for _, b in zip(range(5), dm.train_dataloader())]
+    for a, b in zip(full[7:], resumed):
+        assert a["batch_index"] == b["batch_index"]
+        assert torch.equal(a["query_input_ids"], b["query_input_ids"])
+        assert torch.equal(a["passage_input_ids"], b["passage_input_ids"])
