@@ -47,8 +47,13 @@ def wandb_logger(
     group: str | None = None,
     tags: Sequence[str] = (),
     mode: str = "auto",
+    local_csv: bool = True,
 ):
-    """A Lightning ``WandbLogger`` for one stage; the flat resolved config goes to the run's config table."""
+    """A Lightning ``WandbLogger`` for one stage; the flat resolved config goes to the run's config table.
+
+    With ``local_csv`` a CSV copy of the metrics goes to ``<save_dir>/csv/<stage>/metrics.csv`` as well, so the
+    run report (``me5.report``, the notebook) reads them without W&B.
+    """
     from lightning.pytorch.loggers import WandbLogger
 
     mode = resolve_wandb_mode(mode)
@@ -66,6 +71,8 @@ def wandb_logger(
     if config:
         logger.log_hyperparams(dict(config))
     log.info("W&B %s run for stage %s (save_dir=%s)", mode, stage, save_dir)
+    if local_csv:
+        return [logger, csv_logger(save_dir=save_dir, run_name=run_name, stage=stage, config=config)]
     return logger
 
 

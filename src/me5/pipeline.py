@@ -140,6 +140,17 @@ def evaluate_all(evaluators: Mapping, encoder, tokenizer) -> dict[str, float]:
     return out
 
 
+def finish_loggers(loggers) -> None:
+    """Flush every logger; close W&B runs so the next stage starts its own run."""
+    for lg in loggers:
+        lg.finalize("success")
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+
+
 class ConfigInCheckpoint(Callback):
     """Stores the resolved config and run metadata in every checkpoint (``me5_config``, ``me5_meta``)."""
 

@@ -53,6 +53,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         build_encoder,
         build_loss,
         evaluate_all,
+        finish_loggers,
         stage_order,
         validate_config,
         write_results,
@@ -123,14 +124,13 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         if trainer.is_global_zero:
             if evaluators:
                 results[name] = evaluate_all(evaluators, encoder, tokenizer)
-                if logger:
-                    logger.log_metrics({f"test/{k}": v for k, v in results[name].items()}, step=trainer.global_step)
+                for lg in trainer.loggers:
+                    lg.log_metrics({f"test/{k}": v for k, v in results[name].items()}, step=trainer.global_step)
             export_dir = out_dir / "export" / name
             encoder.save_pretrained(export_dir, tokenizer, max_seq_length=scfg.passage_max_length,
                                     extra_metadata={"stage": name, "git": meta["git"]})
             log.info("exported the %s encoder to %s", name, export_dir)
-        if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
-            logger.experiment.finish()
+        finish_loggers(trainer.loggers)
     if evaluators is not None and trainer.is_global_zero:
         write_results(out_dir, results, meta=meta, timings=timings, data_counts=data_counts)
     return results

@@ -1,0 +1,187 @@
+"""GradCache: contrastive batches larger than the activation memory (Gao et al. 2021, arXiv 2101.06983).
+
+The in-batch-negative loss couples every query with every passage, so it cannot be split into independent
+micro-batches. GradCache splits only the *encoder*:
+
+1. embed all queries and passages chunk by chunk without a graph (memory: one chunk's activations);
+2. make the embeddings leaves, compute the full-batch loss and back-propagate it to them: ``g = ∂L/∂e``;
+3. re-embed each chunk with a graph and back-propagate ``Σ e · g`` (a surrogate whose gradient w.r.t. the
+   encoder is exactly ``∂L/∂θ`` restricted to that chunk), accumulating parameter gradients.
+
+Step 3 must reproduce step 1 exactly, so each chunk's RNG state is captured before step 1 and replayed in
+step 3 (:class:`RandContext`): dropout then draws the same masks. Chunks are cut to their own longest row, so
+padding beyond it is never computed (exact for right or left padding with masked attention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import get_device_states, set_device_states
+
+Inputs = Mapping[str, Tensor] | tuple[Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+class RandContext:
+    """Snapshot of the CPU RNG and of the CUDA RNGs of ``tensors``' devices, taken at construction.
+
+    ``with ctx:`` forks the RNG (the outside state is untouched afterwards) and restores the snapshot, so code
+    run inside draws the same random numbers as code run right after construction (GradCache's
+    ``RandContext``; sentence-transformers ``base/losses/gradcache.py``).
+    """
+
+    def __init__(self, *tensors: Tensor):
+        self.cpu_state = torch.get_rng_state()
+        self.devices, self.device_states = get_device_states(*tensors)
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=self.devices, enabled=True)
+        self._fork.__enter__()
+        torch.set_rng_state(self.cpu_state)
+        set_device_states(self.devices, self.device_states)
+
+    def __exit__(self, *exc) -> None:
+        self._fork.__exit__(*exc)
+        self._fork = None
+
+
+# ---------------------------------------------------------------------------------------------- chunking
+def split_by_rows(n: int, chunk_size: int) -> list[slice]:
+    """``[0, n)`` in contiguous slices of ``chunk_size`` rows (the last may be shorter)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return [slice(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+
+
+def split_by_tokens(
+    attention_mask_BT: Tensor, max_tokens: int, *, max_rows: int | None = None
+) -> list[slice]:
+    """Contiguous row slices whose padded size ``rows × (longest real length in the slice)`` ≤ ``max_tokens``.
+
+    Greedy from the first row; a row longer than the budget gets a slice of its own (at least one row per
+    slice). ``max_rows`` additionally caps the rows per slice. Sorting rows by length beforehand packs tighter,
+    but reorders the batch; this function keeps the order.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    lengths = attention_mask_BT.sum(dim=1).tolist()
+    chunks, start, longest = [], 0, 0
+    for i, length in enumerate(lengths):
+        rows, new_longest = i - start + 1, max(longest, int(length))
+        too_many = max_rows is not None and rows > max_rows
+        if i > start and (rows * new_longest > max_tokens or too_many):
+            chunks.append(slice(start, i))
+            start, new_longest = i, int(length)
+        longest = new_longest
+    if lengths:
+        chunks.append(slice(start, len(lengths)))
+    return chunks
+
+
+def _unpack(inputs: Inputs) -> tuple[Tensor, Tensor]:
+    if isinstance(inputs, Mapping):
+        return inputs["input_ids"], inputs["attention_mask"]
+    input_ids, attention_mask = inputs
+    return input_ids, attention_mask
+
+
+def _trim(input_ids_BT: Tensor, attention_mask_BT: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the columns that are padding in every row (trailing for right, leading for left padding)."""
+    cols = attention_mask_BT.bool().any(dim=0).nonzero().flatten()
+    if cols.numel() == 0:
+        return input_ids_BT[:, :1], attention_mask_BT[:, :1]
+    cols = slice(int(cols[0]), int(cols[-1]) + 1)
+    return input_ids_BT[:, cols], attention_mask_BT[:, cols]
+
+
+# ---------------------------------------------------------------------------------------------- the two passes
+def embed_no_grad(
+    encoder: nn.Module, input_ids: Tensor, attention_mask: Tensor, chunks: Sequence[slice]
+) -> tuple[Tensor, list[RandContext]]:
+    """Embed ``chunks`` of the (N, T) inputs without a graph -> ((N, D) embeddings, one RandContext per chunk)."""
+    embs, states = [], []
+    with torch.no_grad():
+        for sl in chunks:
+            ids, mask = _trim(input_ids[sl], attention_mask[sl])
+            states.append(RandContext(ids))
+            embs.append(encoder(ids, mask))
+    return torch.cat(embs), states
+
+
+def backward_from_cache(
+    encoder: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    chunks: Sequence[slice],
+    rand_states: Sequence[RandContext],
+    grad_emb: Tensor,
+    *,
+    backward_fn: Callable[[Tensor], None] | None = None,
+) -> None:
+    """Re-embed each chunk with a graph (replaying its RNG) and back-propagate the cached ``grad_emb`` (N, D).
+
+    ``backward_fn(surrogate)`` defaults to ``Tensor.backward``; a Lightning module passes ``self.manual_backward``.
+    Under DDP every call would all-reduce: wrap all but the last chunk in ``no_sync()``, or reduce once
+    afterwards with :func:`me5.distributed.all_reduce_gradients`.
+    """
+    backward_fn = backward_fn or Tensor.backward
+    for sl, state in zip(chunks, rand_states, strict=True):
+        ids, mask = _trim(input_ids[sl], attention_mask[sl])
+        with state:
+            emb_CD = encoder(ids, mask)
+        backward_fn((emb_CD * grad_emb[sl].to(emb_CD.dtype)).sum())
+
+
+@torch.enable_grad()
+def gradcache_step(
+    encoder: nn.Module,
+    query_inputs: Inputs,
+    passage_inputs: Inputs,
+    loss_fn: LossFn,
+    *,
+    chunk_rows: int | None = None,
+    chunk_tokens: int | None = None,
+    backward_fn: Callable[[Tensor], None] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One GradCache forward/backward; leaves the parameter gradients as a full-batch backward would.
+
+    Args:
+        encoder: ``encoder(input_ids_BT, attention_mask_BT) -> emb_BD``.
+        query_inputs, passage_inputs: ``{"input_ids", "attention_mask"}`` or ``(input_ids, attention_mask)``,
+            (B, Tq) and (B*G, Tp).
+        loss_fn: ``loss_fn(q_BD, p_ND) -> (loss, parts)``; may gather across ranks
+            (:func:`me5.distributed.gather_with_grad`) and own learnable parameters (a temperature), whose
+            gradients come from its backward.
+        chunk_rows: rows per encoder chunk; ``chunk_tokens``: padded-token budget per chunk
+            (:func:`split_by_tokens`); both may be set; neither: one chunk per side.
+        backward_fn: backward of the per-chunk surrogates (default ``Tensor.backward``).
+
+    Returns:
+        the detached loss and parts.
+
+    Note for the caller: the loss is back-propagated with plain ``loss.backward()``, not ``backward_fn``: its graph
+    starts at detached leaves and holds no encoder parameter, so no DDP reducer may see it. Loss-side parameters
+    (a learnable temperature) therefore get unscaled gradients: right for fp32/bf16, wrong under an fp16
+    GradScaler (which would unscale them once more).
+    """
+    sides = []
+    for inputs in (query_inputs, passage_inputs):
+        ids, mask = _unpack(inputs)
+        if chunk_tokens is not None:
+            chunks = split_by_tokens(mask, chunk_tokens, max_rows=chunk_rows)
+        else:
+            chunks = split_by_rows(ids.size(0), chunk_rows or max(ids.size(0), 1))
+        emb, states = embed_no_grad(encoder, ids, mask, chunks)
+        sides.append((ids, mask, chunks, states, emb.detach().requires_grad_()))
+
+    (_, _, _, _, q_BD), (_, _, _, _, p_ND) = sides
+    loss, parts = loss_fn(q_BD, p_ND)
+    loss.backward()
+
+    for ids, mask, chunks, states, leaf in sides:
+        if leaf.grad is not None:
+            backward_from_cache(encoder, ids, mask, chunks, states, leaf.grad, backward_fn=backward_fn)
+    return loss.detach(), {name: value.detach() for name, value in parts.items()}

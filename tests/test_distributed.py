@@ -1,0 +1,211 @@
+"""Two gloo ranks on CPU reproduce the loss and gradients of one process holding the union batch.
+
+Rank r embeds its half of the batch, gathers every rank's passages (``gather_with_grad``) and scores its own
+queries against all of them (labels offset by r). Per-rank losses are means over local queries, so the union
+loss is their mean over ranks (their sum is ``world ×`` the union loss), and the rank-averaged gradients
+(``all_reduce_gradients(op="mean")``, as DDP) are the union gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from me5.distributed import (
+    all_reduce_gradients,
+    broadcast_parameters,
+    gather_no_grad,
+    gather_with_grad,
+    world_info,
+)
+from me5.gradcache import gradcache_step
+from me5.losses import EmbeddingBatch, InfoNCE, KLDistillation, WeightedLoss
+from me5.models.pooling import mean_pool
+
+WORLD, B, G, VOCAB = 2, 3, 2, 50
+
+
+class ToyEncoder(nn.Module):
+    """Embedding bag + linear + L2 norm: the ``encoder(input_ids, attention_mask)`` interface, no dropout."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, input_ids, attention_mask):
+        return F.normalize(self.proj(mean_pool(self.emb(input_ids), attention_mask)), dim=-1)
+
+
+def _padded(n: int, max_len: int, g: torch.Generator):
+    lengths = torch.randint(1, max_len + 1, (n,), generator=g)
+    mask = (torch.arange(max_len) < lengths[:, None]).long()
+    return {"input_ids": torch.randint(1, VOCAB, (n, max_len), generator=g) * mask, "attention_mask": mask}
+
+
+def _problem():
+    """The same model, loss and union batch in every process."""
+    torch.manual_seed(0)
+    encoder = ToyEncoder()
+    loss = WeightedLoss(
+        {
+            "infonce": InfoNCE(temperature=0.05, learnable_temperature=True),
+            "kd": KLDistillation(temperature=0.05),
+        },
+        {"infonce": 0.5, "kd": 1.0},
+    )
+    g = torch.Generator().manual_seed(1)
+    q, p = _padded(WORLD * B, 6, g), _padded(WORLD * B * G, 9, g)
+    teacher = torch.randn(WORLD * B, G, generator=g)
+    return encoder, loss, q, p, teacher
+
+
+def _shard(inputs: dict, rank: int, rows: int) -> dict:
+    return {k: v[rank * rows : (rank + 1) * rows] for k, v in inputs.items()}
+
+
+def _params(encoder, loss):
+    return [*encoder.parameters(), *loss.parameters()]
+
+
+def _take_grads(encoder, loss):
+    grads = [p.grad.detach().clone() for p in _params(encoder, loss)]
+    for p in _params(encoder, loss):
+        p.grad = None
+    return grads
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        assert world_info() == (rank, WORLD)
+        encoder, weighted, q, p, teacher = _problem()
+        q, p, teacher = _shard(q, rank, B), _shard(p, rank, B * G), teacher[rank * B : (rank + 1) * B]
+        params = _params(encoder, weighted)
+
+        def loss_fn(q_BD, p_ND):
+            batch = EmbeddingBatch.build(
+                q_BD, gather_with_grad(p_ND), group_size=G, rank=rank, teacher_scores=teacher
+            )
+            return weighted(batch)
+
+        out = {}
+        # (a, b) plain step with the differentiable gather
+        loss, _ = loss_fn(encoder(**q), encoder(**p))
+        loss.backward()
+        all_reduce_gradients(params, op="mean")
+        out["loss"], out["plain"] = loss.detach(), _take_grads(encoder, weighted)
+
+        # control: a non-differentiable gather with the local slice put back loses the cross-rank terms
+        p_ND = encoder(**p)
+        gathered = gather_no_grad(p_ND)
+        p_all = torch.cat([gathered[: rank * B * G], p_ND, gathered[(rank + 1) * B * G :]])
+        batch = EmbeddingBatch.build(encoder(**q), p_all, group_size=G, rank=rank, teacher_scores=teacher)
+        weighted(batch)[0].backward()
+        all_reduce_gradients(params, op="mean")
+        out["local_only"] = _take_grads(encoder, weighted)
+
+        # (c) GradCache under two ranks
+        loss_gc, _ = gradcache_step(encoder, q, p, loss_fn, chunk_rows=2)
+        all_reduce_gradients(params, op="mean", bucket_bytes=256)  # tiny buckets: several all-reduces
+        out["loss_gc"], out["gradcache"] = loss_gc, _take_grads(encoder, weighted)
+
+        torch.manual_seed(100 + rank)
+        other = ToyEncoder()
+        broadcast_parameters(other, src=0)
+        out["broadcast"] = [t.detach().clone() for t in other.parameters()]
+        out["gather_no_grad"] = gather_no_grad(torch.tensor([rank, 10 + rank]))
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("dist")
+    ctx = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the distributed workers did not finish in 120 s")
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def union():
+    """One process, the whole batch: loss (mean over all queries) and gradients."""
+    encoder, weighted, q, p, teacher = _problem()
+    batch = EmbeddingBatch.build(encoder(**q), encoder(**p), group_size=G, teacher_scores=teacher)
+    loss, _ = weighted(batch)
+    loss.backward()
+    return loss.detach(), _take_grads(encoder, weighted)
+
+
+def _assert_all_close(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rank_losses_average_to_the_union_loss(rank_results, union):
+    union_loss, _ = union
+    losses = torch.stack([r["loss"] for r in rank_results])
+    torch.testing.assert_close(losses.sum() / WORLD, union_loss)  # Σ_r L_r = world · L_union
+    torch.testing.assert_close(torch.stack([r["loss_gc"] for r in rank_results]), losses)
+
+
+def test_averaged_gradients_equal_the_union_gradient(rank_results, union):
+    _, union_grads = union
+    for r in rank_results:
+        _assert_all_close(r["plain"], union_grads)
+
+
+def test_gradcache_under_two_ranks_equals_the_union_gradient(rank_results, union):
+    _, union_grads = union
+    for r in rank_results:
+        _assert_all_close(r["gradcache"], union_grads)
+
+
+def test_non_differentiable_gather_loses_the_cross_rank_gradient(rank_results, union):
+    _, union_grads = union
+    with pytest.raises(AssertionError):
+        _assert_all_close(rank_results[0]["local_only"], union_grads)
+
+
+def test_broadcast_and_gather_no_grad(rank_results):
+    _assert_all_close(rank_results[1]["broadcast"], rank_results[0]["broadcast"])
+    for r in rank_results:
+        assert r["gather_no_grad"].tolist() == [0, 10, 1, 11]
+
+
+def test_single_process_helpers_are_identities():
+    assert world_info() == (0, 1)
+    x = torch.randn(3, 4, requires_grad=True)
+    assert gather_with_grad(x) is x
+    y = gather_no_grad(x)
+    assert not y.requires_grad and torch.equal(y, x.detach())
+    lin = nn.Linear(2, 2)
+    lin(torch.ones(1, 2)).sum().backward()
+    before = lin.weight.grad.clone()
+    all_reduce_gradients(lin.parameters())
+    broadcast_parameters(lin)
+    assert torch.equal(lin.weight.grad, before)
+    with pytest.raises(ValueError, match="op"):
+        all_reduce_gradients(lin.parameters(), op="max")

@@ -1,0 +1,253 @@
+"""GradCache gives the parameter gradients of an ordinary backward, dropout included."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import me5.gradcache as gc
+from me5.gradcache import RandContext, gradcache_step, split_by_rows, split_by_tokens
+from me5.losses import EmbeddingBatch, InfoNCE, KLDistillation, WeightedLoss
+from me5.models.encoder import Encoder
+
+B, G = 6, 3
+SEED = 1234
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(300)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _encoder(tokenizer, dropout: float = 0.1) -> Encoder:
+    torch.manual_seed(0)
+    enc = Encoder.from_scratch(
+        tokenizer=tokenizer,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    return enc.train()
+
+
+def _texts(n: int, lo: int, hi: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(300)}" for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def inputs(tokenizer):
+    q = tokenizer(_texts(B, 2, 10, seed=1), padding=True, return_tensors="pt")
+    p = tokenizer(_texts(B * G, 3, 20, seed=2), padding=True, return_tensors="pt")
+    teacher = torch.randn(B, G, generator=torch.Generator().manual_seed(3)) * 2
+    return dict(q), dict(p), teacher
+
+
+def _loss_fn(kind: str, teacher):
+    """(loss module, loss_fn(q, p) -> (loss, parts)) for stage 1 (InfoNCE, pairs) or stage 2 (InfoNCE + KD, G=3)."""
+    if kind == "infonce":
+        module = InfoNCE(temperature=0.05, learnable_temperature=True)
+
+        def fn(q, p):
+            return module(EmbeddingBatch.build(q, p[::G], group_size=1)), {}  # positives only
+    else:
+        module = WeightedLoss({"infonce": InfoNCE(), "kd": KLDistillation()}, {"infonce": 0.2, "kd": 1.0})
+
+        def fn(q, p):
+            return module(EmbeddingBatch.build(q, p, group_size=G, teacher_scores=teacher))
+
+    return module, fn
+
+
+def _chunks(mask, chunk_rows, chunk_tokens):
+    if chunk_tokens is not None:
+        return split_by_tokens(mask, chunk_tokens, max_rows=chunk_rows)
+    return split_by_rows(mask.size(0), chunk_rows or mask.size(0))
+
+
+def _reference_step(encoder, q, p, loss_fn, *, chunk_rows=None, chunk_tokens=None, trim=True):
+    """Ordinary backward: every chunk embedded with a graph (in the same order, so the same dropout draws)."""
+    embs = []
+    for side in (q, p):
+        parts = []
+        for sl in _chunks(side["attention_mask"], chunk_rows, chunk_tokens):
+            ids, mask = side["input_ids"][sl], side["attention_mask"][sl]
+            if trim:  # right padding: cut to the chunk's longest row
+                length = int(mask.sum(1).max())
+                ids, mask = ids[:, :length], mask[:, :length]
+            parts.append(encoder(ids, mask))
+        embs.append(torch.cat(parts))
+    loss, _ = loss_fn(*embs)
+    loss.backward()
+    return loss.detach()
+
+
+def _grads(*modules):
+    out = {}
+    for m_i, module in enumerate(modules):
+        for name, param in module.named_parameters():
+            out[f"{m_i}.{name}"] = param.grad.detach().clone() if param.grad is not None else None
+            param.grad = None
+    return out
+
+
+def _assert_grads_close(got, want, atol=1e-5):
+    assert got.keys() == want.keys()
+    assert sum(g is not None for g in want.values()) > 10
+    for name in want:
+        if want[name] is None:
+            assert got[name] is None or not got[name].any(), name
+        else:
+            torch.testing.assert_close(
+                got[name], want[name], rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
+            )
+
+
+CHUNKINGS = {
+    "rows3": dict(chunk_rows=3),
+    "tokens": dict(chunk_tokens=40),
+    "tokens+rows": dict(chunk_rows=2, chunk_tokens=60),
+}
+
+
+@pytest.mark.parametrize("chunking", list(CHUNKINGS))
+@pytest.mark.parametrize("kind", ["infonce", "stage2"])
+def test_gradcache_matches_ordinary_backward_with_dropout(tokenizer, inputs, kind, chunking):
+    q, p, teacher = inputs
+    kwargs = CHUNKINGS[chunking]
+    assert len(_chunks(p["attention_mask"], **{"chunk_rows": None, "chunk_tokens": None, **kwargs})) > 2
+    encoder = _encoder(tokenizer, dropout=0.1)
+    module, loss_fn = _loss_fn(kind, teacher)
+
+    torch.manual_seed(SEED)
+    loss, parts = gradcache_step(encoder, q, p, loss_fn, **kwargs)
+    cached = _grads(encoder, module)
+    assert not loss.requires_grad and all(not v.requires_grad for v in parts.values())
+    if kind == "stage2":
+        assert set(parts) == {"infonce", "kd"}
+
+    torch.manual_seed(SEED)
+    ref_loss = _reference_step(encoder, q, p, loss_fn, **kwargs)
+    reference = _grads(encoder, module)
+
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    _assert_grads_close(cached, reference)
+    if kind == "infonce":
+        # the learnable temperature's gradient comes from the loss's own backward
+        assert reference["1.log_scale"].abs() > 0
+
+
+def test_gradcache_single_chunk_equals_plain_full_batch_with_dropout(tokenizer, inputs):
+    q, p, teacher = inputs
+    encoder = _encoder(tokenizer, dropout=0.1)
+    module, loss_fn = _loss_fn("stage2", teacher)
+    torch.manual_seed(SEED)
+    gradcache_step(encoder, q, p, loss_fn)
+    cached = _grads(encoder, module)
+    torch.manual_seed(SEED)
+    loss, _ = loss_fn(
+        encoder(q["input_ids"], q["attention_mask"]), encoder(p["input_ids"], p["attention_mask"])
+    )
+    loss.backward()
+    _assert_grads_close(cached, _grads(encoder, module))
+
+
+@pytest.mark.parametrize("chunking", ["rows3", "tokens"])
+def test_gradcache_equals_plain_full_batch_without_dropout(tokenizer, inputs, chunking):
+    """Chunking and trimming the padding are exact: with dropout off, GradCache == one untrimmed full batch."""
+    q, p, teacher = inputs
+    encoder = _encoder(tokenizer, dropout=0.0)
+    module, loss_fn = _loss_fn("stage2", teacher)
+    gradcache_step(encoder, q, p, loss_fn, **CHUNKINGS[chunking])
+    cached = _grads(encoder, module)
+    _reference_step(encoder, q, p, loss_fn, trim=False)  # one chunk per side, full padded length
+    _assert_grads_close(cached, _grads(encoder, module))
+
+
+def test_without_rng_restore_the_gradients_differ(tokenizer, inputs, monkeypatch):
+    """Control: replaying fresh dropout masks in the re-forward gives wrong gradients, and the test sees it."""
+
+    class NoRestore:
+        def __init__(self, *tensors):
+            pass
+
+        def __enter__(self):
+            pass
+
+        def __exit__(self, *exc):
+            pass
+
+    q, p, teacher = inputs
+    encoder = _encoder(tokenizer, dropout=0.1)
+    module, loss_fn = _loss_fn("stage2", teacher)
+    monkeypatch.setattr(gc, "RandContext", NoRestore)
+    torch.manual_seed(SEED)
+    gradcache_step(encoder, q, p, loss_fn, chunk_rows=3)
+    cached = _grads(encoder, module)
+    torch.manual_seed(SEED)
+    _reference_step(encoder, q, p, loss_fn, chunk_rows=3)
+    reference = _grads(encoder, module)
+    with pytest.raises(AssertionError):
+        _assert_grads_close(cached, reference)
+
+
+def test_backward_fn_is_called_once_per_chunk(tokenizer, inputs):
+    q, p, teacher = inputs
+    encoder = _encoder(tokenizer)
+    _, loss_fn = _loss_fn("stage2", teacher)
+    calls = []
+
+    def backward_fn(surrogate):
+        calls.append(surrogate.detach())
+        surrogate.backward()
+
+    gradcache_step(encoder, q, p, loss_fn, chunk_rows=4, backward_fn=backward_fn)
+    assert len(calls) == len(split_by_rows(B, 4)) + len(split_by_rows(B * G, 4))
+
+
+def test_rand_context_replays_dropout():
+    x = torch.ones(4, 8)
+    ctx = RandContext(x)
+    first = torch.nn.functional.dropout(x, 0.5)
+    after = torch.get_rng_state()
+    with ctx:
+        again = torch.nn.functional.dropout(x, 0.5)
+    torch.testing.assert_close(first, again)
+    assert torch.equal(torch.get_rng_state(), after)  # the replay leaves the outer RNG untouched
+
+
+def test_split_by_tokens_respects_budget():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 30, (40,), generator=g)
+    lengths[7] = 29
+    mask = (torch.arange(32) < lengths[:, None]).long()
+    for budget in (10, 50, 64, 200, 10_000):
+        for max_rows in (None, 3):
+            chunks = split_by_tokens(mask, budget, max_rows=max_rows)
+            assert chunks[0].start == 0 and chunks[-1].stop == 40
+            assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:], strict=False))
+            for sl in chunks:
+                rows = sl.stop - sl.start
+                assert rows >= 1
+                assert rows == 1 or rows * int(lengths[sl].max()) <= budget
+                assert max_rows is None or rows <= max_rows
+    assert split_by_tokens(mask, 10_000) == [slice(0, 40)]
+    assert split_by_rows(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
