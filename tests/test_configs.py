@@ -19,7 +19,7 @@ from me5.pipeline import build_loss, validate_config
 from tests.helpers import compose_cfg, group_options
 
 # arguments the app passes at run time, not in the config
-RUNTIME_KWARGS = {"encoder", "loss", "tokenizer", "evaluators", "save_dir", "run_name", "stage", "config",
+RUNTIME_KWARGS = {"encoder", "loss", "tokenizer", "evaluators", "save_dir", "run_name", "stage", "hparams",
                   "max_steps", "logger", "callbacks", "default_root_dir", "val_check_interval", "limit_val_batches"}
 
 
@@ -91,7 +91,7 @@ def test_cpu_trainer_and_logger_instantiate(tmp_path):
     cfg = compose_cfg(["logger=csv"], tmp_path=tmp_path)
     trainer = instantiate(cfg.trainer, max_steps=1, logger=False, enable_progress_bar=False)
     assert trainer.max_steps == 1
-    logger = instantiate(cfg.logger, save_dir=str(tmp_path), run_name="x", stage="pretrain", config={"a": 1})
+    logger = instantiate(cfg.logger, save_dir=str(tmp_path), run_name="x", stage="pretrain", hparams={"a": 1})
     assert logger.log_dir.endswith("pretrain")
     assert instantiate(compose_cfg(["logger=none"], tmp_path=tmp_path).logger, save_dir="x", run_name="x", stage="s") is False
 

@@ -41,7 +41,7 @@ def wandb_logger(
     save_dir: str | Path,
     run_name: str,
     stage: str,
-    config: Mapping | None = None,
+    hparams: Mapping | None = None,
     project: str = "me5",
     entity: str | None = None,
     group: str | None = None,
@@ -68,21 +68,21 @@ def wandb_logger(
         save_dir=str(save_dir),
         mode=mode,
     )
-    if config:
-        logger.log_hyperparams(dict(config))
+    if hparams:
+        logger.log_hyperparams(dict(hparams))
     log.info("W&B %s run for stage %s (save_dir=%s)", mode, stage, save_dir)
     if local_csv:
-        return [logger, csv_logger(save_dir=save_dir, run_name=run_name, stage=stage, config=config)]
+        return [logger, csv_logger(save_dir=save_dir, run_name=run_name, stage=stage, hparams=hparams)]
     return logger
 
 
-def csv_logger(*, save_dir: str | Path, run_name: str, stage: str, config: Mapping | None = None, **_):
+def csv_logger(*, save_dir: str | Path, run_name: str, stage: str, hparams: Mapping | None = None, **_):
     """Metrics as ``<save_dir>/csv/<stage>/metrics.csv``, the config as ``hparams.yaml`` beside it."""
     from lightning.pytorch.loggers import CSVLogger
 
     logger = CSVLogger(save_dir=str(save_dir), name="csv", version=stage)
-    if config:
-        logger.log_hyperparams(dict(config))
+    if hparams:
+        logger.log_hyperparams(dict(hparams))
     return logger
 
 

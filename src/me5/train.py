@@ -98,7 +98,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         )
         logger = instantiate(
             cfg.logger, save_dir=str(out_dir), run_name=cfg.run_name, stage=name,
-            config={**flatten(config), "stage": name, "git.sha": meta["git"]["sha"], "git.dirty": meta["git"]["dirty"],
+            hparams={**flatten(config), "stage": name, "git.sha": meta["git"]["sha"], "git.dirty": meta["git"]["dirty"],
                     **{f"parameters.{k}": v for k, v in meta["parameters"].items()}},
         )
         ckpt_dir = out_dir / "checkpoints" / name

@@ -1,7 +1,26 @@
-"""Text-pair data: the normalised schema, readers, the base DataModule, mixtures and sources."""
+"""Text-pair data: the normalised schema, readers, the base DataModule, mixtures and sources.
 
-from me5.data.base import MixtureDataModule, PairBatchStream, TextPairDataModule
-from me5.data.collate import PairCollator, TrainItem
-from me5.data.schema import PairExample, to_example
+Names are imported lazily so that ``me5.data.readers`` and ``me5.data.schema`` load without Lightning.
+"""
 
-__all__ = ["MixtureDataModule", "PairBatchStream", "PairCollator", "PairExample", "TextPairDataModule", "TrainItem", "to_example"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "MixtureDataModule": "me5.data.base",
+    "PairBatchStream": "me5.data.base",
+    "TextPairDataModule": "me5.data.base",
+    "PairCollator": "me5.data.collate",
+    "TrainItem": "me5.data.collate",
+    "PairExample": "me5.data.schema",
+    "to_example": "me5.data.schema",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'me5.data' has no attribute '{name}'")

@@ -48,7 +48,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise DataError("no such file", file=str(path))
-    with path.open("r", encoding="utf-8", errors="strict") as fh:
+    with path.open("r", encoding="utf-8-sig", errors="strict") as fh:
         line_no = 0
         while True:
             line_no += 1

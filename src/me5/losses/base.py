@@ -125,6 +125,16 @@ class WeightedLoss(nn.Module):
         self.terms = nn.ModuleDict(dict(terms))
         self.weights = {name: float(weights[name]) for name in terms}
 
+    @property
+    def requires_teacher(self) -> bool:
+        """True when a term with a positive weight reads teacher scores (the data must provide them)."""
+        return any(t.requires_teacher and self.weights[n] > 0 for n, t in self.terms.items())
+
+    @property
+    def min_group_size(self) -> int:
+        """The smallest group (1 + hard negatives) every weighted term can work with."""
+        return max((t.min_group_size for n, t in self.terms.items() if self.weights[n] > 0), default=1)
+
     def forward(self, batch: EmbeddingBatch) -> tuple[Tensor, dict[str, Tensor]]:
         total: Tensor | None = None
         parts: dict[str, Tensor] = {}

@@ -1,0 +1,384 @@
+"""Retrieval evaluation on BEIR-layout data: exact dense search, nDCG@k / Recall@k per language and macro-averaged.
+
+Layouts read by :func:`load_beir`:
+
+* one dataset: ``DIR/corpus.jsonl`` (``_id``, ``title``, ``text``, optional ``lang``), ``DIR/queries.jsonl``
+  (``_id``, ``text``, optional ``lang``) and ``DIR/qrels/{split}.tsv`` (``query-id  corpus-id  score``). The
+  whole corpus is searched for every query (cross-lingual retrieval allowed); languages come from the queries'
+  ``lang`` field.
+* MIRACL style: ``DIR/<lang>/`` folders of the above; each language is searched in its own corpus only.
+
+The evaluator follows unilm's ``mteb_beir_eval.py`` for mE5: passages are ``(title + " " + text).strip()``,
+queries and passages get their ``query: `` / ``passage: `` prefixes, and scores are dot products of the
+(unit) embeddings, i.e. cosines.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from me5.data.readers import iter_jsonl
+from me5.errors import ConfigError, DataError
+from me5.eval.metrics import ndcg_at_k, recall_at_k
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_LANG = "und"  # a query without ``lang`` in a dataset where other queries have one
+
+
+@dataclass
+class RetrievalData:
+    """One retrieval dataset: ``corpus`` {id: {"title", "text", "lang"?}}, ``queries`` {id: {"text", "lang"?}},
+    ``qrels`` {query id: {doc id: grade}}. ``path`` is where it was read from, for messages."""
+
+    corpus: dict[str, dict[str, str]]
+    queries: dict[str, dict[str, str]]
+    qrels: dict[str, dict[str, int]]
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def languages(self) -> list[str]:
+        """Sorted languages of the queries; empty when no query has a ``lang``."""
+        return sorted({q["lang"] for q in self.queries.values() if q.get("lang")})
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_beir(data_dir: str | Path, *, split: str = "test") -> RetrievalData | dict[str, RetrievalData]:
+    """Read a BEIR-layout folder, or a folder of per-language BEIR folders (MIRACL) as {lang: data}.
+
+    Queries without judgments in ``qrels/{split}.tsv`` are dropped (as BEIR does). Judgments that name an
+    unknown query or document are dropped with a warning. Malformed input raises :class:`DataError` naming
+    the file and line.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError("no such data folder", file=str(root))
+    if (root / "corpus.jsonl").exists():
+        return _load_one(root, split)
+    lang_dirs = sorted(p for p in root.iterdir() if p.is_dir() and (p / "corpus.jsonl").exists())
+    if not lang_dirs:
+        raise DataError(
+            "not a BEIR folder: no corpus.jsonl in it nor in any per-language subfolder",
+            file=str(root / "corpus.jsonl"),
+        )
+    return {p.name: _load_one(p, split, lang=p.name) for p in lang_dirs}
+
+
+def _load_one(root: Path, split: str, lang: str | None = None) -> RetrievalData:
+    corpus = _read_records(root / "corpus.jsonl", ("title", "text"), lang)
+    queries = _read_records(root / "queries.jsonl", ("text",), lang)
+    qrels = _read_qrels(root, split)
+
+    unknown_q = unknown_d = 0
+    kept: dict[str, dict[str, int]] = {}
+    for qid, rels in qrels.items():
+        if qid not in queries:
+            unknown_q += len(rels)
+            continue
+        known = {did: g for did, g in rels.items() if did in corpus}
+        unknown_d += len(rels) - len(known)
+        if known:
+            kept[qid] = known
+    qrels_file = root / "qrels" / f"{split}.tsv"
+    if unknown_q or unknown_d:
+        log.warning(
+            "%s: dropped %d judgments of unknown queries and %d of unknown documents",
+            qrels_file,
+            unknown_q,
+            unknown_d,
+        )
+    if not kept:
+        raise DataError("no judgment names a known query and document", file=str(qrels_file))
+    no_rel = sum(1 for rels in kept.values() if not any(g > 0 for g in rels.values()))
+    if no_rel:
+        log.warning(
+            "%s: %d queries have no relevant document; they score 0 (as in trec_eval)", qrels_file, no_rel
+        )
+    queries = {qid: queries[qid] for qid in kept}
+    return RetrievalData(corpus=corpus, queries=queries, qrels=kept, path=root)
+
+
+def _read_records(path: Path, fields: Sequence[str], lang: str | None) -> dict[str, dict[str, str]]:
+    """{_id: {field: str, "lang"?}} from a jsonl file; ``title`` may be absent or null, ``text`` may not."""
+    out: dict[str, dict[str, str]] = {}
+    for line_no, rec in iter_jsonl(path):
+        if "_id" not in rec:
+            raise DataError("missing '_id'", file=str(path), line=line_no, field="_id")
+        rid = str(rec["_id"])
+        row = {}
+        for name in fields:
+            value = rec.get(name)
+            if value is None and name == "title":
+                value = ""
+            if not isinstance(value, str):
+                what = "missing" if value is None else f"expected a string, got {type(value).__name__}"
+                raise DataError(what, file=str(path), line=line_no, field=name)
+            row[name] = value
+        rec_lang = rec.get("lang") or lang
+        if rec_lang:
+            row["lang"] = str(rec_lang)
+        if rid in out:
+            raise DataError(f"duplicate _id '{rid}'", file=str(path), line=line_no, field="_id")
+        out[rid] = row
+    return out
+
+
+def _read_qrels(root: Path, split: str) -> dict[str, dict[str, int]]:
+    path = root / "qrels" / f"{split}.tsv"
+    if not path.is_file():
+        have = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
+        hint = f" (splits here: {', '.join(have)})" if have else ""
+        raise DataError(f"no such qrels file{hint}", file=str(path))
+    qrels: dict[str, dict[str, int]] = defaultdict(dict)
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                raise DataError(f"not valid UTF-8 ({err.reason})", file=str(path), line=line_no) from None
+            if not line.strip():
+                continue
+            cols = line.split("\t")
+            if line_no == 1 and cols[0].strip().lower() in {"query-id", "query_id", "qid"}:
+                continue  # header
+            if len(cols) != 3:
+                raise DataError(
+                    f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}",
+                    file=str(path),
+                    line=line_no,
+                )
+            qid, did, score = (c.strip() for c in cols)
+            try:
+                qrels[qid][did] = int(score)
+            except ValueError:
+                raise DataError(f"score '{score}' is not an integer", file=str(path), line=line_no) from None
+    return dict(qrels)
+
+
+# ---------------------------------------------------------------------------------------------- search
+@torch.no_grad()
+def exact_search(
+    queries_QD: Tensor,
+    docs_ND: Tensor,
+    k: int,
+    *,
+    device: torch.device | str | None = None,
+    query_block: int = 1024,
+    doc_block: int = 65536,
+) -> tuple[Tensor, Tensor]:
+    """Top-``k`` docs per query by dot product, scanning the corpus in blocks; returns CPU (scores, indices) (Q, k).
+
+    Memory on ``device`` is bounded by ``query_block * doc_block`` scores plus the running top-k.
+    """
+    device = torch.device(device) if device is not None else queries_QD.device
+    k = min(k, docs_ND.size(0))
+    n_q = queries_QD.size(0)
+    best_s = torch.full((n_q, k), -math.inf, device=device)
+    best_i = torch.zeros((n_q, k), dtype=torch.long, device=device)
+    q_all = queries_QD.to(device, torch.float32)
+    for d0 in range(0, docs_ND.size(0), doc_block):
+        d_blk = docs_ND[d0 : d0 + doc_block].to(device, torch.float32)
+        for q0 in range(0, n_q, query_block):
+            scores = q_all[q0 : q0 + query_block] @ d_blk.T
+            s, i = scores.topk(min(k, d_blk.size(0)), dim=1)
+            cat_s = torch.cat([best_s[q0 : q0 + query_block], s], dim=1)
+            cat_i = torch.cat([best_i[q0 : q0 + query_block], i + d0], dim=1)
+            top_s, pos = cat_s.topk(k, dim=1)
+            best_s[q0 : q0 + query_block] = top_s
+            best_i[q0 : q0 + query_block] = cat_i.gather(1, pos)
+    return best_s.cpu(), best_i.cpu()
+
+
+# ---------------------------------------------------------------------------------------------- evaluator
+class RetrievalEvaluator:
+    """Embeds a corpus and its queries with an :class:`~me5.models.encoder.Encoder` and scores exact search.
+
+    Args:
+        data: one dataset (searched as a whole; per-language metrics from the queries' ``lang``) or
+            {lang: dataset} (each searched in its own corpus).
+        name: prefix of the metric keys (``{name}/ndcg@10``, ``{name}/{lang}/ndcg@10``).
+        query_prefix, passage_prefix: prepended to the query / passage text (mE5: ``query: `` / ``passage: ``).
+        query_max_length, passage_max_length: truncation in tokens.
+        batch_size: encoding batch size.
+        k_values: cut-offs; nDCG@k and Recall@k are reported for each, and ``max(k_values)`` docs are retrieved.
+        languages: evaluate only these languages (``None``: all).
+    """
+
+    def __init__(
+        self,
+        data: RetrievalData | Mapping[str, RetrievalData],
+        *,
+        name: str = "sample",
+        query_prefix: str = "query: ",
+        passage_prefix: str = "passage: ",
+        query_max_length: int = 64,
+        passage_max_length: int = 128,
+        batch_size: int = 128,
+        k_values: Sequence[int] = (10, 100),
+        languages: Sequence[str] | None = None,
+    ):
+        if not k_values or any(int(k) < 1 for k in k_values):
+            raise ConfigError("eval.k_values", f"need positive cut-offs, got {list(k_values)}")
+        self.name = name
+        self.query_prefix, self.passage_prefix = query_prefix, passage_prefix
+        self.query_max_length, self.passage_max_length = query_max_length, passage_max_length
+        self.batch_size = batch_size
+        self.k_values = tuple(sorted({int(k) for k in k_values}))
+        self.languages = list(languages) if languages is not None else None
+        self.data = self._select(data)
+
+    @classmethod
+    def from_path(cls, data_dir: str | Path, *, split: str = "test", **kwargs) -> RetrievalEvaluator:
+        """Build from a BEIR / MIRACL folder (see :func:`load_beir`)."""
+        return cls(load_beir(data_dir, split=split), **kwargs)
+
+    def _select(self, data):
+        if isinstance(data, RetrievalData):
+            if self.languages is None:
+                return data
+            missing = set(self.languages) - set(data.languages)
+            if missing:
+                raise ConfigError(
+                    "eval.languages", f"no queries in {sorted(missing)}; the data has {data.languages}"
+                )
+            keep = set(self.languages)
+            queries = {q: v for q, v in data.queries.items() if v.get("lang") in keep}
+            return RetrievalData(
+                data.corpus, queries, {q: data.qrels[q] for q in queries if q in data.qrels}, data.path
+            )
+        data = dict(data)
+        if self.languages is None:
+            return data
+        missing = set(self.languages) - set(data)
+        if missing:
+            raise ConfigError("eval.languages", f"no data for {sorted(missing)}; have {sorted(data)}")
+        return {lang: data[lang] for lang in self.languages}
+
+    @torch.no_grad()
+    def evaluate(self, encoder, tokenizer, *, device=None, show_progress: bool = False) -> dict[str, float]:
+        """Flat metrics: ``{name}/ndcg@k``, ``{name}/recall@k`` (macro over languages) and per-language keys.
+
+        Without languages in the data the aggregate is the mean over queries and no per-language key is added.
+        """
+        if device is None:  # search where the encoder lives (encode returns CPU tensors)
+            param = next(iter(encoder.parameters()), None) if hasattr(encoder, "parameters") else None
+            device = param.device if param is not None else torch.device("cpu")
+        parts = self.data.items() if isinstance(self.data, dict) else [(None, self.data)]
+        per_query: dict[str, dict[str, float]] = defaultdict(dict)  # metric -> {qid: value}
+        lang_of: dict[str, str | None] = {}
+        for part_lang, data in parts:
+            run = self._run(data, encoder, tokenizer, device, show_progress, desc=part_lang or self.name)
+            for k in self.k_values:
+                for metric, fn in (("ndcg", ndcg_at_k), ("recall", recall_at_k)):
+                    values = fn(run, data.qrels, k)
+                    per_query[f"{metric}@{k}"].update({_uid(part_lang, q): v for q, v in values.items()})
+            has_lang = part_lang is not None or bool(data.languages)
+            for qid, q in data.queries.items():
+                lang_of[_uid(part_lang, qid)] = (
+                    (part_lang or q.get("lang") or UNKNOWN_LANG) if has_lang else None
+                )
+        return self._aggregate(per_query, lang_of)
+
+    def _run(
+        self, data: RetrievalData, encoder, tokenizer, device, show_progress, desc
+    ) -> dict[str, dict[str, float]]:
+        doc_ids = list(data.corpus)
+        doc_texts = [(d["title"] + " " + d["text"]).strip() for d in data.corpus.values()]
+        q_ids = [q for q in data.queries if data.qrels.get(q)]
+        common = {"batch_size": self.batch_size, "device": device, "show_progress": show_progress}
+        docs = encoder.encode(
+            doc_texts, tokenizer, prefix=self.passage_prefix, max_length=self.passage_max_length,
+            desc=f"{desc} corpus", **common,
+        )  # fmt: skip
+        queries = encoder.encode(
+            [data.queries[q]["text"] for q in q_ids], tokenizer, prefix=self.query_prefix,
+            max_length=self.query_max_length, desc=f"{desc} queries", **common,
+        )  # fmt: skip
+        scores, idx = exact_search(queries, docs, max(self.k_values), device=device)
+        return {
+            qid: {doc_ids[i]: s for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True)}
+            for qid, row_s, row_i in zip(q_ids, scores, idx, strict=True)
+        }
+
+    def _aggregate(self, per_query, lang_of) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for metric, values in per_query.items():
+            by_lang: dict[str | None, list[float]] = defaultdict(list)
+            for uid, v in values.items():
+                by_lang[lang_of[uid]].append(v)
+            if set(by_lang) <= {None}:
+                out[f"{self.name}/{metric}"] = _mean(by_lang[None])
+                continue
+            lang_means = {lang: _mean(vs) for lang, vs in sorted(by_lang.items())}
+            out[f"{self.name}/{metric}"] = _mean(lang_means.values())
+            for lang, m in lang_means.items():
+                out[f"{self.name}/{lang}/{metric}"] = m
+        return out
+
+
+def _uid(part: str | None, qid: str) -> str:
+    return qid if part is None else f"{part}\x00{qid}"
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- table
+def format_table(
+    rows: Mapping[str, Mapping[str, float]], *, metrics: Sequence[str] = ("ndcg@10", "recall@100")
+) -> str:
+    """Markdown tables (one per dataset and metric) of metric dicts as returned by :meth:`RetrievalEvaluator.evaluate`.
+
+    ``rows`` maps a row label (``untrained``, ``pretrain``, ``finetune``) to its metrics; columns are the macro
+    average (``avg``) then each language; values are x100 with one decimal, ``-`` where a row lacks one.
+    """
+    # (dataset, metric) -> {column: {row: value}}
+    tables: dict[tuple[str, str], dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for row, values in rows.items():
+        for key, value in values.items():
+            parts = key.split("/")
+            if parts[-1] not in metrics:
+                continue
+            if len(parts) >= 3:
+                dataset, column = "/".join(parts[:-2]), parts[-2]
+            else:
+                dataset, column = "/".join(parts[:-1]), "avg"
+            tables[(dataset, parts[-1])][column][row] = value
+    blocks = []
+    order = {m: i for i, m in enumerate(metrics)}
+    for (dataset, metric), cols in sorted(tables.items(), key=lambda t: (t[0][0], order[t[0][1]])):
+        columns = (["avg"] if "avg" in cols else []) + sorted(c for c in cols if c != "avg")
+        title = f"{dataset} {metric}".strip()
+        header = [title, *columns]
+        body = [[row, *(_cell(cols[c].get(row)) for c in columns)] for row in rows]
+        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+        lines = [
+            "| "
+            + " | ".join(h.ljust(widths[0]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(header))
+            + " |",
+            "|"
+            + "|".join("-" * (widths[0] + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths))
+            + "|",
+        ]
+        for r in body:
+            lines.append(
+                "| "
+                + " | ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
+                + " |"
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
