@@ -7,7 +7,6 @@ a results table into the run folder. Everything it builds comes from ``conf/`` t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -25,7 +24,13 @@ log = logging.getLogger("me5.train")
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    results = run(cfg)
+    try:
+        results = run(cfg)
+    except Me5Error as err:
+        # a bad config or bad data: the message names the field/file/line; no traceback, exit status 2
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     # the sweep objective (e.g. for Optuna): the last stage's main score
     last = results.get("finetune") or results.get("pretrain") or {}
     return next((v for k, v in last.items() if k.endswith("ndcg@10") and k.count("/") == 1), None)
@@ -33,14 +38,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point; a bad config or bad data exits 2 with the message, no traceback."""
-    for var, value in (("HF_HUB_OFFLINE", None), ("TOKENIZERS_PARALLELISM", "false")):
-        if value is not None:
-            os.environ.setdefault(var, value)
-    try:
-        _hydra_main()
-    except Me5Error as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _hydra_main()
 
 
 def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
@@ -106,7 +105,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
         callbacks = [
             ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                            every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=True),
+                            every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=True,
+                            enable_version_counter=False),
             ConfigInCheckpoint(config, meta),
         ]
         trainer = instantiate(
