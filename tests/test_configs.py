@@ -9,11 +9,11 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from hydra._internal.utils import _locate
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from hydra._internal.utils import _locate
 from me5.errors import ConfigError
 from me5.pipeline import build_loss, validate_config
 from tests.helpers import compose_cfg, group_options

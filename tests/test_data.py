@@ -150,7 +150,7 @@ def test_symmetric_and_instruct_prefixes(tmp_path):
 
 def _mixture(tmp_path, weights, n=(300, 100), homogeneous=False):
     srcs = {}
-    for k, (name, count) in enumerate(zip(weights, n)):
+    for name, count in zip(weights, n):
         p = write_jsonl(tmp_path / f"{name}.jsonl", pairs(count, lang=name))
         srcs[name] = TextPairDataModule(str(p))
     return MixtureDataModule(srcs, weights=weights, homogeneous=homogeneous, seed=3)

@@ -146,7 +146,7 @@ class WeightedLoss(nn.Module):
                 raise ConfigError(
                     f"loss.terms.{name}",
                     "this term needs teacher scores but the data has no teacher scores; use a source with "
-                    f"cross-encoder scores or set its weight for this stage to 0",
+                    "cross-encoder scores or set its weight for this stage to 0",
                 )
             if batch.group_size < term.min_group_size:
                 raise ConfigError(

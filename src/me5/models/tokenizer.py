@@ -111,6 +111,7 @@ def train_unigram_tokenizer(
     markers = _with_seed_markers(tok, texts)
     tok.train_from_iterator(texts + markers, trainer=trainer, length=len(texts) + len(markers))
     tok = _drop_marker(tok)
+    tok = _canonical_scores(tok, texts)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     assert ids == {t: i for i, t in enumerate(SPECIAL_TOKENS)}, f"unexpected special token ids {ids}"
     tok.post_processor = processors.TemplateProcessing(
@@ -167,6 +168,43 @@ def _drop_marker(tok):
     spec["added_tokens"] = [
         dict(t, id=[p for p, _ in kept].index(t["content"])) for t in spec.get("added_tokens", [])
     ]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _canonical_scores(tok, texts: list[str], *, iterations: int = 3):
+    """Re-estimate the piece scores deterministically and order the pieces canonically.
+
+    ``tokenizers``' Unigram trainer is not deterministic: two runs on the same text give the same pieces but
+    scores that differ by up to ~0.03 and tie orders that differ (hash-map iteration, parallel float sums),
+    so token ids and segmentations would change from run to run and a seeded run would not reproduce. Here
+    the scores are recomputed from the piece set alone by hard EM (Viterbi segmentation with the current
+    scores, then ``score = log(count / total)``), starting from uniform scores (fewest pieces), and the
+    pieces are ordered by (score desc, piece) after the special tokens.
+    """
+    import math
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    pieces = [p for p, _ in spec["model"]["vocab"]]
+    normal = sorted(p for p in pieces if p not in SPECIAL_TOKENS)
+    scores = dict.fromkeys(normal, -math.log(len(normal)))
+    for _ in range(iterations):
+        spec["model"]["vocab"] = [[p, 0.0] for p in SPECIAL_TOKENS] + [[p, scores[p]] for p in normal]
+        spec["model"]["unk_id"] = SPECIAL_TOKENS.index("<unk>")
+        spec["added_tokens"] = [dict(t, id=SPECIAL_TOKENS.index(t["content"])) for t in spec.get("added_tokens", [])]
+        current = Tokenizer.from_str(json.dumps(spec))
+        counts = dict.fromkeys(normal, 0)
+        for enc in current.encode_batch(texts, add_special_tokens=False):
+            for t in enc.tokens:
+                if t in counts:
+                    counts[t] += 1
+        total = sum(counts.values()) + 0.5 * len(counts)
+        # every piece keeps a small count, so a rare piece stays usable (never -inf)
+        scores = {p: round(math.log((counts[p] + 0.5) / total), 6) for p in normal}
+    normal.sort(key=lambda p: (-scores[p], p))
+    spec["model"]["vocab"] = [[p, 0.0] for p in SPECIAL_TOKENS] + [[p, scores[p]] for p in normal]
+    spec["added_tokens"] = [dict(t, id=SPECIAL_TOKENS.index(t["content"])) for t in spec.get("added_tokens", [])]
     return Tokenizer.from_str(json.dumps(spec))
 
 
