@@ -25,7 +25,7 @@ class DataError(Me5Error):
     """
 
     def __init__(self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None):
-        self.file, self.line, self.field = file, line, field
+        self.message, self.file, self.line, self.field = message, file, line, field
         where = []
         if file is not None:
             where.append(str(file) + (f":{line}" if line is not None else ""))
@@ -35,3 +35,11 @@ class DataError(Me5Error):
             where.append(f"field '{field}'")
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class SkipRecord(Exception):
+    """Raised by a source's ``convert`` to skip a record on purpose; ``reason`` is counted (``skipped/<reason>``)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)

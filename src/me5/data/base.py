@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from me5.data.collate import PairCollator, TrainItem
 from me5.data.readers import iter_records
 from me5.data.schema import PairExample, to_example
-from me5.errors import ConfigError, DataError
+from me5.errors import ConfigError, DataError, SkipRecord
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,11 @@ class TextPairDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ what a source overrides
     def convert(self, record: Mapping) -> Mapping:
-        """Map one raw record to the fields of :class:`PairExample`. The default reads them by name."""
+        """Map one raw record to the fields of :class:`PairExample`. The default reads them by name.
+
+        Raise :class:`~me5.errors.SkipRecord` to skip a record on purpose (counted by its reason), or
+        :class:`~me5.errors.DataError` for a malformed one (an error, or counted with ``strict=False``).
+        """
         return record
 
     # ------------------------------------------------------------------ reading
@@ -118,8 +122,13 @@ class TextPairDataModule(L.LightningDataModule):
             counts["read"] += 1
             try:
                 ex = to_example(self.convert(record), source=self.name, default_lang=self.lang, file=file, line=line)
-            except DataError:
+            except SkipRecord as skip:
+                counts[f"skipped/{skip.reason}"] += 1
+                continue
+            except DataError as err:
                 if self.strict:
+                    if err.file is None:  # raised by convert(), which does not know where the record came from
+                        raise DataError(err.message, file=file, line=line, field=err.field) from err
                     raise
                 counts["skipped/malformed"] += 1
                 continue
