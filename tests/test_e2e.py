@@ -82,6 +82,12 @@ def test_golden_losses_and_outputs(tmp_path, data_dir):
     from transformers import AutoModel
 
     AutoModel.from_pretrained(run_dir / "export" / "finetune")
+    # the run report the notebook shows: loss curves + table, from the logged metrics
+    from me5 import report
+
+    report.plot_run(run_dir, tmp_path / "report.png")
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert list(report.results_frame(payload["results"]).index) == ["untrained", "pretrain", "finetune"]
 
 
 def test_training_beats_the_untrained_baseline(tmp_path, data_dir):
@@ -141,3 +147,23 @@ def test_two_process_ddp_pipeline(tmp_path, data_dir):
     assert set(payload["results"]) == {"pretrain", "finetune"}
     df = pd.read_csv(tmp_path / "r" / "csv" / "pretrain" / "metrics.csv")
     assert df["data/pairs_seen"].dropna().iloc[-1] == 6 * 16  # global batch over both ranks
+
+
+def test_sweep_is_one_multirun_with_the_parameter_logged(tmp_path, data_dir):
+    r = _cli(["-m", f"paths.data_dir={data_dir}", "hydra.sweep.dir=" + str(tmp_path / "sweep"), *SHORT,
+              "stage=[pretrain]", "eval=none", "eval_baseline=false", "logger=wandb",
+              "loss.temperature=0.02,0.05"], env_extra={"WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    import yaml
+
+    for job, temp in (("0", 0.02), ("1", 0.05)):
+        hparams = yaml.safe_load((tmp_path / "sweep" / job / "csv" / "pretrain" / "hparams.yaml").read_text())
+        assert hparams["loss.temperature"] == temp and hparams["stage"] == "pretrain"
+        assert list((tmp_path / "sweep" / job / "wandb").glob("offline-run-*"))
+
+
+def test_notebook_is_stripped_and_holds_no_logic():
+    nb = json.loads((ROOT / "notebooks" / "run_report.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+    assert all("def " not in "".join(c["source"]) for c in code)

@@ -136,7 +136,7 @@ def evaluate_all(evaluators: Mapping, encoder, tokenizer) -> dict[str, float]:
     device = next(encoder.parameters()).device
     out: dict[str, float] = {}
     for ev in evaluators.values():
-        out.update(ev.evaluate(encoder, tokenizer, device=device, show_progress=False))
+        out.update(ev.evaluate(encoder, tokenizer, device=device, show_progress=True))
     return out
 
 

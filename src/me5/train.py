@@ -65,6 +65,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     L.seed_everything(cfg.seed, workers=True)
     config = OmegaConf.to_container(cfg, resolve=True)
     meta = {"git": git_info(), "run_dir": str(out_dir), "command": " ".join(sys.argv)}
+    run_name = sweep_run_name(cfg.run_name)
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
     data_counts: dict[str, dict[str, int]] = {}
@@ -96,7 +97,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
             scfg.module, encoder=encoder, loss=loss, tokenizer=tokenizer, evaluators=evaluators if scfg.val_every else {}
         )
         logger = instantiate(
-            cfg.logger, save_dir=str(out_dir), run_name=cfg.run_name, stage=name,
+            cfg.logger, save_dir=str(out_dir), run_name=run_name, stage=name,
+            **({"group": sweep_group(cfg.logger.get("group"), cfg.run_name)} if "group" in cfg.logger else {}),
             hparams={**flatten(config), "stage": name, "git.sha": meta["git"]["sha"], "git.dirty": meta["git"]["dirty"],
                     **{f"parameters.{k}": v for k, v in meta["parameters"].items()}},
         )
@@ -120,6 +122,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
             log.info("resuming stage %s from %s", name, resume)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         data_counts[name] = datamodule.data_counts()
+        for lg in trainer.loggers:
+            lg.log_metrics({f"data/{k}": float(v) for k, v in data_counts[name].items()}, step=trainer.global_step)
         timings[f"{name}/train_s"] = round(time.perf_counter() - t0, 1)
         if trainer.is_global_zero:
             if evaluators:
@@ -134,6 +138,31 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if evaluators is not None and trainer.is_global_zero:
         write_results(out_dir, results, meta=meta, timings=timings, data_counts=data_counts)
     return results
+
+
+def _sweep() -> tuple[int, str] | None:
+    """``(job number, sweep folder name)`` inside a Hydra multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return int(hc.job.num), Path(hc.sweep.dir).name
+    return None
+
+
+def sweep_run_name(run_name: str) -> str:
+    """In a multirun, ``<run_name>-<job number>``; otherwise ``run_name``."""
+    sweep = _sweep()
+    return f"{run_name}-{sweep[0]}" if sweep else run_name
+
+
+def sweep_group(group: str | None, run_name: str) -> str:
+    """The W&B group: a sweep's runs share ``<group>@<sweep time>``, so each sweep is one group."""
+    sweep = _sweep()
+    base = group or run_name
+    return f"{base}@{sweep[1]}" if sweep else base
 
 
 if __name__ == "__main__":

@@ -43,8 +43,12 @@ def resolve_files(path: str | os.PathLike, data_files: str | Sequence[str] | Non
     raise DataError("no such file or folder", file=str(p))
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, record)``; blank lines are skipped; malformed JSON names file:line."""
+def iter_jsonl(path: str | os.PathLike, *, allow_arrays: bool = False) -> Iterator[tuple[int, dict | list]]:
+    """Yield ``(line_number, record)``; blank lines are skipped; malformed JSON names file:line.
+
+    ``allow_arrays``: also yield lines that are JSON arrays (e.g. sentence-transformers' ``["a", "b"]`` pair
+    files); the source's ``convert`` decides what they mean. Other non-object lines are always an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError("no such file", file=str(path))
@@ -64,7 +68,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"malformed JSON ({err.msg} at column {err.colno})", file=str(path), line=line_no) from err
-            if not isinstance(record, dict):
+            if not isinstance(record, dict) and not (allow_arrays and isinstance(record, list)):
                 raise DataError(f"expected a JSON object, got {type(record).__name__}", file=str(path), line=line_no)
             yield line_no, record
 
@@ -111,6 +115,7 @@ def iter_records(
             yield f"hub:{path}/{split}", i, record
         return
     for f in files:
-        reader = iter_parquet(f) if f.suffix == ".parquet" else iter_jsonl(f)
+        # arrays reach the source's convert(); to_example rejects them unless convert maps them to an object
+        reader = iter_parquet(f) if f.suffix == ".parquet" else iter_jsonl(f, allow_arrays=True)
         for line, record in reader:
             yield str(f), line, record

@@ -1,0 +1,333 @@
+"""The stage-1 sources (mE5 Table 1) on tiny fixtures in each source's raw layout.
+
+Each fixture (``tests/fixtures/raw/stage1/<source>/``) holds a few records as the source publishes them,
+including filtered ones; ``malformed/`` holds a record that must stop the run with a ``DataError`` naming the
+file, the line (row) and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from me5.data.schema import PairExample
+from me5.data.sources import (
+    STAGE1_SOURCES,
+    CCNewsPairs,
+    MC4Pairs,
+    NLLBPairs,
+    RedditPairs,
+    S2ORCPairs,
+    SbertPairs,
+    StackExchangePairs,
+    WikipediaPairs,
+    XP3Pairs,
+)
+from me5.errors import ConfigError, DataError
+
+RAW = Path(__file__).parent / "fixtures" / "raw" / "stage1"
+
+
+def ex(query, positive, lang, source, negatives=()):
+    return PairExample(query, positive, tuple(negatives), None, lang, source)
+
+
+def make(cls, kwargs, **extra):
+    return cls(**{k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}, **extra)
+
+
+# (id, class, constructor kwargs, expected examples, expected counts)
+CASES = [
+    (
+        "wikipedia-en",
+        WikipediaPairs,
+        dict(path=RAW / "wikipedia" / "20231101.en"),
+        [
+            ex("Anarchism", "Anarchism is a political philosophy and movement that is skeptical of all justifications for authority.", "en", "wikipedia"),
+            ex("Albedo", "Albedo is the fraction of sunlight that is diffusely reflected by a body.", "en", "wikipedia"),
+        ],
+        {"read": 3, "kept": 2, "skipped/empty_text": 1},
+    ),
+    (
+        "wikipedia-ja-fulltext",
+        WikipediaPairs,
+        dict(path=RAW / "wikipedia" / "20231101.ja", lang="ja", passage="text"),
+        [ex("東京", "東京は日本の首都である。\n\n歴史\n\n江戸時代には江戸と呼ばれた。", "ja", "wikipedia")],
+        {"read": 2, "kept": 1, "skipped/empty_title": 1},
+    ),
+    (
+        "mc4-first-line",
+        MC4Pairs,
+        dict(path=RAW / "mc4", data_files="c4-es.*.json", lang="es"),
+        [
+            ex("Receta de tortilla española",
+               "La tortilla de patatas es un plato típico de España.\nSe prepara con huevos y patatas.", "es", "mc4"),
+        ],
+        {"read": 3, "kept": 1, "skipped/single_line": 1, "skipped/title_too_long": 1},
+    ),
+    (
+        "mc4-url",
+        MC4Pairs,
+        dict(path=RAW / "mc4", data_files="c4-*.json", title_from="url", lang="es"),
+        [
+            ex("tortilla espanola",
+               "Receta de tortilla española\nLa tortilla de patatas es un plato típico de España.\nSe prepara con huevos y patatas.",
+               "es", "mc4"),
+            ex("novyj park", "Новости Москвы\nВ Москве открылся новый парк.", "es", "mc4"),
+        ],
+        {"read": 4, "kept": 2, "skipped/no_url_title": 2},
+    ),
+    (
+        "mc4-ru",
+        MC4Pairs,
+        dict(path=RAW / "mc4" / "c4-ru.tfrecord-00000-of-01024.json", lang="ru"),
+        [ex("Новости Москвы", "В Москве открылся новый парк.", "ru", "mc4")],
+        {"read": 1, "kept": 1},
+    ),
+    (
+        "cc_news-fr",
+        CCNewsPairs,
+        dict(path=RAW / "cc_news" / "2021" / "fr.jsonl", lang="fr"),
+        [
+            ex("Le Parlement adopte la réforme des retraites",
+               "Les députés ont adopté mardi en première lecture le projet de loi sur les retraites.", "fr", "cc_news"),
+        ],
+        {"read": 2, "kept": 1, "skipped/empty_maintext": 1},
+    ),
+    (
+        "cc_news-zh",
+        CCNewsPairs,
+        dict(path=RAW / "cc_news" / "2021", data_files="zh.jsonl", lang="zh"),
+        [ex("北京发布新的交通规划", "北京市政府周一发布了新的城市交通规划。", "zh", "cc_news")],
+        {"read": 1, "kept": 1},
+    ),
+    (
+        "nllb-eng-fra",
+        NLLBPairs,
+        dict(path=RAW / "nllb" / "eng_Latn-fra_Latn.jsonl", hub_config="eng_Latn-fra_Latn", min_laser_score=1.06),
+        [
+            ex("The cat sleeps on the sofa.", "Le chat dort sur le canapé.", "eng_Latn-fra_Latn", "nllb"),
+            ex("Water boils at 100 degrees.", "L'eau bout à 100 degrés.", "eng_Latn-fra_Latn", "nllb"),
+        ],
+        {"read": 4, "kept": 2, "skipped/low_laser_score": 1, "skipped/identical": 1},
+    ),
+    (
+        "nllb-reverse-direction",
+        NLLBPairs,
+        dict(path=RAW / "nllb" / "eng_Latn-fra_Latn.jsonl", src_lang="fra_Latn", tgt_lang="eng_Latn", max_examples=1),
+        [ex("Le chat dort sur le canapé.", "The cat sleeps on the sofa.", "fra_Latn-eng_Latn", "nllb")],
+        {"read": 1, "kept": 1},
+    ),
+    (
+        "nllb-arabic-keys-from-record",
+        NLLBPairs,
+        dict(path=RAW / "nllb" / "arb_Arab-eng_Latn.jsonl"),
+        [ex("الكتاب على الطاولة.", "The book is on the table.", "arb_Arab-eng_Latn", "nllb")],
+        {"read": 1, "kept": 1},
+    ),
+    (
+        "reddit",
+        RedditPairs,
+        dict(path=RAW / "reddit"),
+        [
+            ex("Why is the sky blue during the day?", "Rayleigh scattering: shorter wavelengths scatter much more.", "en", "reddit"),
+            ex("Thanks, that helps a lot!", "You're welcome.", "en", "reddit"),
+        ],
+        {"read": 5, "kept": 2, "skipped/low_score": 1, "skipped/deleted": 1, "skipped/comment_too_long": 1},
+    ),
+    (
+        "s2orc-title-abstract",
+        S2ORCPairs,
+        dict(path=RAW / "s2orc" / "title-abstract-pair"),
+        [
+            ex("Attention Is All You Need", "The dominant sequence transduction models are based on complex recurrent networks.", "en", "s2orc"),
+            ex("Deep Residual Learning for Image Recognition", "Deeper neural networks are more difficult to train.", "en", "s2orc"),
+        ],
+        {"read": 3, "kept": 2, "skipped/empty_abstract": 1},
+    ),
+    (
+        "s2orc-title-citation",
+        S2ORCPairs,
+        dict(path=RAW / "s2orc" / "title-citation-pair", mode="title-citation"),
+        [ex("BERT: Pre-training of Deep Bidirectional Transformers", "Attention Is All You Need", "en", "s2orc")],
+        {"read": 1, "kept": 1},
+    ),
+    (
+        "s2orc-abstract-citation",
+        S2ORCPairs,
+        dict(path=RAW / "s2orc" / "abstract-citation-pair", mode="abstract-citation"),
+        [ex("We introduce a new language representation model.",
+            "The dominant sequence transduction models are based on recurrent networks.", "en", "s2orc")],
+        {"read": 2, "kept": 1, "skipped/empty_citation": 1},
+    ),
+    (
+        "stackexchange",
+        StackExchangePairs,
+        dict(path=RAW / "stackexchange", data_files=["apple.jsonl", "stackapps.jsonl"]),
+        [
+            ex("How do I take a screenshot on a Mac? I need to capture only part of the screen.",
+               "Press Shift-Command-4 and drag to select the area.", "en", "stackexchange"),
+            ex("Is there a Stack Exchange icon available? StackAuth /sites route provides all icons except one.",
+               "Here it is! Dead link: SVG version here.", "en", "stackexchange",
+               negatives=["No, the /sites route is not the right place for that."]),
+        ],
+        {"read": 3, "kept": 2, "skipped/empty_upvoted_answer": 1},
+    ),
+    (
+        "stackexchange-ru",
+        StackExchangePairs,
+        dict(path=RAW / "stackexchange" / "ru.jsonl", lang="ru"),
+        [ex("Как отсортировать словарь по значению в Python? Нужен порядок по возрастанию.",
+            "Используйте sorted(d.items(), key=lambda kv: kv[1]).", "ru", "stackexchange")],
+        {"read": 1, "kept": 1},
+    ),
+    (
+        "xp3-fr",
+        XP3Pairs,
+        dict(path=RAW / "xp3" / "fr", lang="fr"),
+        [ex("Phrase 1 : Il était spécialiste de la littérature métaphysique.\nPhrase 2 : Il était spécialiste de "
+            "littérature métaphysique. Question : peut-on réécrire la phrase 1 en phrase 2 ? Oui ou non ?", "Oui", "fr", "xp3")],
+        {"read": 2, "kept": 1, "skipped/empty_targets": 1},
+    ),
+    (
+        "xp3-hi",
+        XP3Pairs,
+        dict(path=RAW / "xp3" / "hi" / "merged_hi.jsonl", lang="hi"),
+        [ex("इस वाक्य का सारांश लिखें: भारत एक विशाल देश है जिसकी संस्कृति विविध है।",
+            "भारत विविध संस्कृति वाला विशाल देश है।", "hi", "xp3")],
+        {"read": 1, "kept": 1},
+    ),
+    (
+        "sbert",
+        SbertPairs,
+        dict(path=RAW / "sbert"),
+        [
+            ex("How do I learn Python quickly?", "What is the fastest way to learn Python?", "en", "sbert"),
+            ex("A man is playing a guitar.", "A person plays an instrument.", "en", "sbert", negatives=["A woman is sleeping."]),
+            ex("what is a lagoon", "A lagoon is a shallow body of water separated from a larger sea.", "en", "sbert"),
+            ex("symptoms of flu", "Fever, cough and aches are common flu symptoms.", "en", "sbert",
+               negatives=["The flu shot is given yearly."]),
+            ex("What is the capital of France?", "Which city is France's capital?", "en", "sbert"),
+        ],
+        {"read": 6, "kept": 5, "skipped/too_few_texts": 1},
+    ),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, expected, counts", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_fixture_converts_to_expected_examples(cls, kwargs, expected, counts):
+    dm = make(cls, kwargs)
+    assert dm.load_examples() == expected
+    assert dict(dm.counts) == counts
+
+
+# (class, constructor kwargs, file:line the error must name, field it must name)
+MALFORMED = [
+    (WikipediaPairs, dict(path=RAW / "wikipedia" / "malformed"), "wikipedia/malformed/train-00000-of-00001.parquet:1", "text"),
+    (MC4Pairs, dict(path=RAW / "mc4" / "malformed"), "mc4/malformed/c4-en.tfrecord-00000-of-11264.json:2", "text"),
+    (CCNewsPairs, dict(path=RAW / "cc_news" / "malformed" / "2021"), "cc_news/malformed/2021/en.jsonl:2", "maintext"),
+    (NLLBPairs, dict(path=RAW / "nllb" / "malformed", hub_config="eng_Latn-fra_Latn"),
+     "nllb/malformed/eng_Latn-fra_Latn.jsonl:2", "translation.fra_Latn"),
+    (RedditPairs, dict(path=RAW / "reddit" / "malformed"), "reddit/malformed/RC_2019-05.pairs.jsonl:1", "response.body"),
+    (S2ORCPairs, dict(path=RAW / "s2orc" / "malformed"), "s2orc/malformed/title-abstract-pair.jsonl:1", "abstract"),
+    (StackExchangePairs, dict(path=RAW / "stackexchange" / "malformed"), "stackexchange/malformed/apple.jsonl:2", "title_body"),
+    (XP3Pairs, dict(path=RAW / "xp3" / "malformed"), "xp3/malformed/merged_en.jsonl:1", "inputs"),
+    (SbertPairs, dict(path=RAW / "sbert" / "malformed"), "sbert/malformed/mixed.jsonl:2", "record"),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, where, field", MALFORMED, ids=[m[0].source_name for m in MALFORMED])
+def test_malformed_record_names_file_line_and_field(cls, kwargs, where, field):
+    dm = make(cls, kwargs)
+    with pytest.raises(DataError) as info:
+        dm.load_examples()
+    err = info.value
+    assert f"{err.file}:{err.line}".endswith(where)
+    assert err.field == field
+    assert where in str(err) and f"field '{field}'" in str(err)
+
+
+@pytest.mark.parametrize("cls, kwargs, where, field", MALFORMED, ids=[m[0].source_name for m in MALFORMED])
+def test_malformed_record_is_counted_when_not_strict(cls, kwargs, where, field):
+    dm = make(cls, kwargs, strict=False)
+    try:
+        dm.load_examples()
+    except DataError as err:  # every record of the file was malformed
+        assert "no usable examples" in str(err)
+    assert dm.counts["skipped/malformed"] == 1
+
+
+def test_registry_matches_the_paper_mixture():
+    assert set(STAGE1_SOURCES) == {"wikipedia", "mc4", "cc_news", "nllb", "reddit", "s2orc", "stackexchange", "xp3", "sbert"}
+    for name, cls in STAGE1_SOURCES.items():
+        assert cls.source_name == name
+        assert cls.__doc__ and "Raw origin" in cls.__doc__, f"{cls.__name__} must document its raw origin"
+
+
+def test_language_comes_from_the_hub_config_unless_given():
+    assert WikipediaPairs(hub_config="20231101.de").lang == "de"
+    assert WikipediaPairs().hub_config == "20231101.en"
+    assert MC4Pairs(hub_config="ru").lang == "ru"
+    assert XP3Pairs(hub_config="zh").lang == "zh"
+    assert XP3Pairs(hub_config="zh", lang="zh-Hans").lang == "zh-Hans"
+    assert StackExchangePairs(hub_config="ja").lang == "ja"
+    assert StackExchangePairs(hub_config="apple").lang == "en"
+    assert NLLBPairs(hub_config="ace_Latn-ban_Latn").lang == "ace_Latn-ban_Latn"
+    # a local path does not inherit the default hub config (nor its language)
+    assert MC4Pairs(path=str(RAW / "mc4")).hub_config is None
+
+
+def test_record_level_language_wins(tmp_path):
+    f = tmp_path / "merged.jsonl"
+    f.write_text('{"inputs": "Bonjour ?", "targets": "Salut", "language": "fra_Latn"}\n', encoding="utf-8")
+    assert XP3Pairs(path=str(f), lang="und").load_examples()[0].lang == "fra_Latn"
+
+
+def test_sectioned_wikipedia_records_use_the_heading_path(tmp_path):
+    # the assumed intfloat/wikipedia shape: article title + hierarchical section headings + section passage
+    f = tmp_path / "sections.jsonl"
+    f.write_text(
+        '{"title": "Albert Einstein", "section_titles": ["Life", "Early life"], "text": "Einstein was born in Ulm."}\n'
+        '{"title": "Paris", "section": "History", "text": "Paris was founded in the 3rd century BC."}\n',
+        encoding="utf-8",
+    )
+    got = [(e.query, e.positive) for e in WikipediaPairs(path=str(f)).load_examples()]
+    assert got == [
+        ("Albert Einstein > Life > Early life", "Einstein was born in Ulm."),
+        ("Paris > History", "Paris was founded in the 3rd century BC."),
+    ]
+
+
+def test_prefix_and_instruction_policies():
+    rng = np.random.default_rng(0)
+    pair = PairExample("The cat sleeps.", "Le chat dort.", lang="eng_Latn-fra_Latn", source="nllb")
+    nllb = NLLBPairs(hub_config="eng_Latn-fra_Latn")
+    item = nllb.format(pair, n_negatives=0, rng=rng)
+    assert item["query"] == "query: The cat sleeps." and item["passages"] == ["query: Le chat dort."]
+    nllb.prompt_style = "instruct"
+    item = nllb.format(pair, n_negatives=0, rng=rng)
+    assert item["query"] == "Instruct: Retrieve parallel sentences.\nQuery: The cat sleeps."
+    assert item["passages"] == ["Instruct: Retrieve parallel sentences.\nQuery: Le chat dort."]
+    wiki = WikipediaPairs()
+    item = wiki.format(PairExample("Albedo", "Albedo is ...", source="wikipedia"), n_negatives=0, rng=rng)
+    assert item["query"] == "query: Albedo" and item["passages"] == ["passage: Albedo is ..."]
+    assert S2ORCPairs(mode="title-citation").symmetric and not S2ORCPairs().symmetric
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: WikipediaPairs(passage="first"), "data.passage"),
+        (lambda: MC4Pairs(title_from="html"), "data.title_from"),
+        (lambda: S2ORCPairs(mode="title-body"), "data.mode"),
+        (lambda: NLLBPairs(src_lang="eng_Latn"), "data.src_lang"),
+        (lambda: NLLBPairs(hub_config="eng_Latn"), "data.hub_config"),
+        (lambda: RedditPairs(), "data.path"),
+    ],
+)
+def test_bad_options_name_the_config_field(make, field):
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert info.value.field == field
