@@ -18,8 +18,8 @@ from me5.data.sources.columns import ColumnPairs
 from me5.errors import ConfigError, DataError
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def wordlevel_tokenizer():
+    """A word-level tokenizer with XLM-R's special tokens and template (``<s> ... </s>``)."""
     words = [f"w{i}" for i in range(200)] + ["query:", "passage:", "кошка", "猫", "قطة", "बिल्ली"]
     vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -30,6 +30,11 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
                                    model_max_length=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return wordlevel_tokenizer()
 
 
 def write_jsonl(path, records):
@@ -212,3 +217,70 @@ def test_resume_gives_the_uninterrupted_batch_sequence(tmp_path, tokenizer):
         assert a["batch_index"] == b["batch_index"]
         assert torch.equal(a["query_input_ids"], b["query_input_ids"])
         assert torch.equal(a["passage_input_ids"], b["passage_input_ids"])
+
+
+# ---------------------------------------------------------------------------------------------- fast collator
+def reference_encode(tokenizer, texts, max_length, m=8):
+    """The collator's previous implementation (tokenise in full, truncate and pad in Python): the reference."""
+    ids = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+    n_truncated = 0
+    eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for row in ids:
+        if len(row) > max_length:
+            n_truncated += 1
+            row = row[: max_length - 1] + [eos] if eos is not None and row[-1] == eos else row[:max_length]
+        out.append(row)
+    width = max(len(r) for r in out)
+    width = min(max_length, -(-width // m) * m) if m else width
+    input_ids = torch.full((len(out), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(out), width), dtype=torch.long)
+    for i, row in enumerate(out):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return input_ids, mask, n_truncated
+
+
+@pytest.fixture(scope="module")
+def unigram(tmp_path_factory):
+    """A small XLM-R-style Unigram tokenizer (Metaspace, NFKC, CJK split), trained here."""
+    from me5.models.tokenizer import train_unigram_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = ["cat", "dog", "house", "кошка", "собака", "猫", "犬", "قطة", "बिल्ली", "perro", "Haus", "ねこ", "query:", "passage:"]
+    texts = [" ".join(rng.choice(words, size=rng.integers(3, 30)).tolist()) for _ in range(400)]
+    return train_unigram_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=200)
+
+
+def _texts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["cat", "dogs", "houses", "кошка", "собаки", "猫", "犬犬", "قطة", "बिल्ली", "perros", "Häuser", "ねこ", "x"]
+    return [("query: " if i % 2 else "passage: ") + " ".join(rng.choice(words, size=rng.integers(0, 60)).tolist())
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("which", ["wordlevel", "unigram"])
+@pytest.mark.parametrize("max_length", [4, 13, 32, 128])
+def test_fast_collator_equals_the_reference_and_counts_truncation_exactly(tokenizer, unigram, which, max_length):
+    tok = tokenizer if which == "wordlevel" else unigram
+    texts = _texts(300) if which == "unigram" else [" ".join(f"w{j}" for j in range(i % 40)) for i in range(300)]
+    for chars_per_token in (1, 8):  # 1: the pre-cut often falls short of the budget and the text is redone in full
+        coll = PairCollator(tok, query_max_length=max_length, passage_max_length=max_length,
+                            chars_per_token=chars_per_token)
+        assert coll.pre_truncate  # both pre-tokenizers split on whitespace
+        for i in range(0, 300, 50):
+            ids, mask, n = coll._encode(texts[i: i + 50], max_length)
+            r_ids, r_mask, r_n = reference_encode(tok, texts[i: i + 50], max_length)
+            assert torch.equal(ids, r_ids) and torch.equal(mask, r_mask) and n == r_n
+    full = [len(x) for x in tok(texts, add_special_tokens=True)["input_ids"]]
+    _, _, n = PairCollator(tok)._encode(texts, max_length)
+    assert n == sum(length > max_length for length in full)  # exact count
+
+
+def test_collator_without_pre_cut_and_slow_path_agree(tokenizer):
+    texts = [" ".join(f"w{j}" for j in range(i % 30)) for i in range(64)]
+    fast = PairCollator(tokenizer, pre_truncate=False)
+    slow = PairCollator(tokenizer)
+    slow._backends = {}  # what a tokenizer without a Rust backend gets
+    for a, b in zip(fast._encode(texts, 16), slow._encode(texts, 16)):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b

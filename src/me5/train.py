@@ -105,11 +105,14 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         ckpt_dir = out_dir / "checkpoints" / name
         from lightning.pytorch.callbacks import ModelCheckpoint
 
+        from me5.data.mixture import RealisedMixtureLogger
+
         callbacks = [
             ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                             every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=True,
                             enable_version_counter=False),
             ConfigInCheckpoint(config, meta),
+            RealisedMixtureLogger(every_n_steps=cfg.checkpoint_every),
         ]
         trainer = instantiate(
             cfg.trainer, max_steps=scfg.max_steps, logger=logger, callbacks=callbacks, default_root_dir=str(out_dir),

@@ -8,8 +8,11 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "MixtureDataModule": "me5.data.base",
-    "PairBatchStream": "me5.data.base",
+    "MixtureDataModule": "me5.data.mixture",
+    "PairBatchStream": "me5.data.stream",
+    "ShardedPairStream": "me5.data.stream",
+    "log_realised_mixture": "me5.data.mixture",
+    "RealisedMixtureLogger": "me5.data.mixture",
     "TextPairDataModule": "me5.data.base",
     "PairCollator": "me5.data.collate",
     "TrainItem": "me5.data.collate",

@@ -1,7 +1,14 @@
 """Reading raw records from local jsonl/parquet files or a Hugging Face hub dataset.
 
 Every record comes with where it came from (file and 1-based line or row), so a bad record is reported
-as ``file:line``. A missing file or a malformed jsonl line is always an error.
+as ``file:line``. A missing file is an error; so is a malformed jsonl line, unless a caller asks for bad lines
+as values (``errors="yield"``: lenient sources and ``me5.data.prepare`` count and skip them).
+
+For streaming (``me5.data.stream``) a source is cut into *units*, the pieces that ranks and DataLoader
+workers share out: one parquet row group, or one whole jsonl file. :func:`list_units` lists them from the
+files' metadata (parquet footers; for jsonl the file size) or, when present, from the ``shards.json``
+manifest that ``me5.data.prepare`` writes, so no data is read to plan the split. Reading resumes inside a
+unit: at a row of a row group, or at a byte offset (and line number) of a jsonl file.
 """
 
 from __future__ import annotations
@@ -10,11 +17,22 @@ import glob
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from me5.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+SHARDS_MANIFEST = "shards.json"
+SHARDS_FORMAT = "me5-shards/1"
+
+
+class BadLine(DataError):
+    """A jsonl line that cannot be read as a record; ``reason``: ``undecodable`` or ``malformed_json``."""
+
+    def __init__(self, message: str, *, reason: str, file: str, line: int):
+        super().__init__(message, file=file, line=line)
+        self.reason = reason
 
 
 def resolve_files(path: str | os.PathLike, data_files: str | Sequence[str] | None = None) -> list[Path] | None:
@@ -36,54 +54,104 @@ def resolve_files(path: str | os.PathLike, data_files: str | Sequence[str] | Non
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix in LOCAL_SUFFIXES)
+        if (p / SHARDS_MANIFEST).is_file():  # a me5.data.prepare folder: its parquet shards (not its json stats)
+            files = sorted(p.glob("*.parquet"))
+        else:
+            files = sorted(f for f in p.iterdir() if f.suffix in LOCAL_SUFFIXES)
         if not files:
             raise DataError(f"folder has no {'/'.join(LOCAL_SUFFIXES)} files", file=str(p))
         return files
     raise DataError("no such file or folder", file=str(p))
 
 
-def iter_jsonl(path: str | os.PathLike, *, allow_arrays: bool = False) -> Iterator[tuple[int, dict | list]]:
-    """Yield ``(line_number, record)``; blank lines are skipped; malformed JSON names file:line.
+# ---------------------------------------------------------------------------------------------- jsonl
+def iter_jsonl_at(
+    path: str | os.PathLike,
+    *,
+    start_byte: int = 0,
+    start_line: int = 0,
+    errors: str = "raise",
+    select: tuple[int, int] | None = None,
+    allow_arrays: bool = False,
+) -> Iterator[tuple[int, int, dict | list | BadLine]]:
+    """Yield ``(line_number, end_byte, record)`` from byte ``start_byte`` (after line ``start_line``).
 
-    ``allow_arrays``: also yield lines that are JSON arrays (e.g. sentence-transformers' ``["a", "b"]`` pair
-    files); the source's ``convert`` decides what they mean. Other non-object lines are always an error.
+    ``end_byte`` is the offset just after the line, so ``(end_byte, line_number)`` resumes after it. Blank
+    lines are skipped. A line that is not UTF-8, not JSON or not an object raises :class:`BadLine` (a
+    :class:`DataError` naming file:line), or with ``errors="yield"`` is yielded in place of the record.
+    ``select=(stride, first)``: only lines whose index ``line - 1`` is ``first`` mod ``stride`` are read.
+    ``allow_arrays``: also yield lines that are JSON arrays (sentence-transformers' ``["a", "b"]`` pair files;
+    the source's ``convert`` then decides what a list means).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError("no such file", file=str(path))
-    with path.open("r", encoding="utf-8-sig", errors="strict") as fh:
-        line_no = 0
-        while True:
+    pos, line_no = start_byte, start_line
+    with path.open("rb") as fh:
+        if start_byte:
+            fh.seek(start_byte)
+        for raw in fh:
             line_no += 1
-            try:
-                line = fh.readline()
-            except UnicodeDecodeError as err:
-                raise DataError(f"not valid UTF-8 ({err.reason})", file=str(path), line=line_no) from err
-            if not line:
-                return
-            if not line.strip():
+            first = pos == 0
+            pos += len(raw)
+            if select is not None and (line_no - 1) % select[0] != select[1]:
                 continue
+            if not raw.strip():
+                continue
+            err = None
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"malformed JSON ({err.msg} at column {err.colno})", file=str(path), line=line_no) from err
-            if not isinstance(record, dict) and not (allow_arrays and isinstance(record, list)):
-                raise DataError(f"expected a JSON object, got {type(record).__name__}", file=str(path), line=line_no)
-            yield line_no, record
+                text = raw.decode("utf-8-sig" if first else "utf-8")
+            except UnicodeDecodeError as exc:
+                err = BadLine(f"not valid UTF-8 ({exc.reason})", reason="undecodable", file=str(path), line=line_no)
+            else:
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    err = BadLine(f"malformed JSON ({exc.msg} at column {exc.colno})", reason="malformed_json",
+                                  file=str(path), line=line_no)
+                else:
+                    if not isinstance(record, dict) and not (allow_arrays and isinstance(record, list)):
+                        err = BadLine(f"expected a JSON object, got {type(record).__name__}", reason="malformed_json",
+                                      file=str(path), line=line_no)
+            if err is not None:
+                if errors == "raise":
+                    raise err
+                yield line_no, pos, err
+                continue
+            yield line_no, pos, record
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, record)``; blank lines are skipped; malformed JSON names file:line."""
+    for line_no, _, record in iter_jsonl_at(path):
+        yield line_no, record
+
+
+def count_lines(path: str | os.PathLike) -> int:
+    """Physical lines of a text file (a last line without newline counts), by counting bytes in C."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
+
+
+# ---------------------------------------------------------------------------------------------- parquet
+def _open_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise DataError("no such file", file=str(path))
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for corrupt files
+        raise DataError(f"not a readable parquet file ({err})", file=str(path)) from err
 
 
 def iter_parquet(path: str | os.PathLike, *, batch_rows: int = 4096) -> Iterator[tuple[int, dict]]:
     """Yield ``(row_number, record)`` (1-based) from a parquet file, reading it in row batches."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("no such file", file=str(path))
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises several types for corrupt files
-        raise DataError(f"not a readable parquet file ({err})", file=str(path)) from err
+    pf = _open_parquet(Path(path))
     row = 0
     for batch in pf.iter_batches(batch_size=batch_rows):
         for record in batch.to_pylist():
@@ -91,31 +159,131 @@ def iter_parquet(path: str | os.PathLike, *, batch_rows: int = 4096) -> Iterator
             yield row, record
 
 
+def read_row_group(path: str | os.PathLike, index: int):
+    """One row group of a parquet file as a ``pyarrow.Table``."""
+    pf = _open_parquet(Path(path))
+    try:
+        return pf.read_row_group(index)
+    except Exception as err:
+        raise DataError(f"cannot read row group {index} ({err})", file=str(path)) from err
+
+
+# ---------------------------------------------------------------------------------------------- hub
 def iter_records(
     path: str | os.PathLike,
     *,
     data_files: str | Sequence[str] | None = None,
     name: str | None = None,
     split: str = "train",
-) -> Iterator[tuple[str, int, dict]]:
+    errors: str = "raise",
+) -> Iterator[tuple[str, int, dict | BadLine]]:
     """Yield ``(file, line, record)`` from local jsonl/parquet files, or stream a hub dataset by id.
 
     Hub datasets are streamed (``datasets.load_dataset(..., streaming=True)``), so nothing is held in memory;
-    their "file" is ``hub:<id>/<split>`` and the line is the example index.
+    their "file" is ``hub:<id>/<split>`` and the line is the example index. ``data_files`` is passed on to
+    ``load_dataset`` for hub ids (so ``path="parquet", data_files=[...]`` reads local files through ``datasets``).
+    ``errors="yield"``: an unreadable jsonl line comes as a :class:`BadLine` in place of its record.
     """
     files = resolve_files(path, data_files)
     if files is None:
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(str(path), name, split=split, streaming=True)
-        except Exception as err:
-            raise DataError(f"cannot load hub dataset ({err.__class__.__name__}: {err})", file=f"hub:{path}") from err
-        for i, record in enumerate(ds, start=1):
+        for i, record in enumerate(load_hub_stream(path, name=name, split=split, data_files=data_files), start=1):
             yield f"hub:{path}/{split}", i, record
         return
     for f in files:
-        # arrays reach the source's convert(); to_example rejects them unless convert maps them to an object
-        reader = iter_parquet(f) if f.suffix == ".parquet" else iter_jsonl(f, allow_arrays=True)
-        for line, record in reader:
-            yield str(f), line, record
+        if f.suffix == ".parquet":
+            for line, record in iter_parquet(f):
+                yield str(f), line, record
+        else:
+            for line, _, record in iter_jsonl_at(f, errors=errors, allow_arrays=True):
+                yield str(f), line, record
+
+
+def load_hub_stream(path, *, name=None, split="train", data_files=None):
+    """``datasets.load_dataset(path, name, split=split, streaming=True)``; failures name the hub id."""
+    import datasets
+
+    kwargs = {"data_files": data_files} if data_files is not None else {}
+    try:
+        return datasets.load_dataset(str(path), name, split=split, streaming=True, **kwargs)
+    except Exception as err:
+        raise DataError(f"cannot load hub dataset ({err.__class__.__name__}: {err})", file=f"hub:{path}") from err
+
+
+# ---------------------------------------------------------------------------------------------- units
+@dataclass(frozen=True)
+class Unit:
+    """A piece of a source that one reader reads whole: a parquet row group or a jsonl file.
+
+    ``rows``: records (parquet) or physical lines (jsonl; ``None`` until counted); ``weight``: for balancing
+    units over readers (rows, or bytes for jsonl); ``first_row``: the 1-based file row of the unit's first row;
+    ``lang``: the unit's one language when known (parquet column statistics or the manifest), else ``None``.
+    """
+
+    file: str
+    kind: str  # "parquet" | "jsonl"
+    row_group: int = -1
+    rows: int | None = None
+    weight: int = 1
+    first_row: int = 1
+    lang: str | None = None
+
+
+def _manifest_units(folder: Path, files: Sequence[Path]) -> list[Unit] | None:
+    mf = folder / SHARDS_MANIFEST
+    if not mf.is_file():
+        return None
+    try:
+        spec = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if spec.get("format") != SHARDS_FORMAT:
+        return None
+    by_name = {s["file"]: s for s in spec.get("shards", [])}
+    units: list[Unit] = []
+    for f in files:
+        s = by_name.get(f.name)
+        if s is None or s.get("bytes") != f.stat().st_size:
+            return None  # the folder changed since the manifest was written: read the footers instead
+        first = 1
+        for i, rg in enumerate(s["row_groups"]):
+            units.append(Unit(str(f), "parquet", i, int(rg["rows"]), max(1, int(rg["rows"])), first, rg.get("lang")))
+            first += int(rg["rows"])
+    return units
+
+
+def _parquet_units(f: Path, lang_column: str = "lang") -> list[Unit]:
+    pf = _open_parquet(f)
+    md = pf.metadata
+    col = next((i for i in range(md.num_columns) if md.schema.column(i).path == lang_column), None)
+    units, first = [], 1
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        lang = None
+        if col is not None:
+            st = rg.column(col).statistics
+            if st is not None and st.has_min_max and st.min == st.max and st.null_count == 0:
+                lang = st.min.decode() if isinstance(st.min, bytes) else str(st.min)
+        units.append(Unit(str(f), "parquet", i, rg.num_rows, max(1, rg.num_rows), first, lang))
+        first += rg.num_rows
+    return units
+
+
+def list_units(files: Sequence[Path]) -> list[Unit]:
+    """The units of local ``files``: one per parquet row group, one per jsonl file (empty ones dropped)."""
+    files = [Path(f) for f in files]
+    folders = {f.parent for f in files}
+    if len(folders) == 1 and all(f.suffix == ".parquet" for f in files):
+        units = _manifest_units(next(iter(folders)), files)
+        if units is not None:
+            return [u for u in units if u.rows]
+    units = []
+    for f in files:
+        if f.suffix == ".parquet":
+            units += [u for u in _parquet_units(f) if u.rows]
+        else:
+            if not f.is_file():
+                raise DataError("no such file", file=str(f))
+            size = f.stat().st_size
+            if size:
+                units.append(Unit(str(f), "jsonl", -1, None, size, 1, None))
+    return units

@@ -1,0 +1,216 @@
+"""``me5.data.prepare``: shards + stats, eval-set exact-match removal, the consistency filter, resume after an
+interruption, bad records counted per reason or named by file:line in strict mode."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from me5.data import MixtureDataModule, TextPairDataModule
+from me5.data.prepare import (
+    ConsistencyFilter,
+    LanguageCheck,
+    PrepareOptions,
+    dominant_script,
+    format_stats,
+    main,
+    prepare,
+)
+from me5.data.schema import PairExample
+from me5.errors import DataError
+from tests.test_data import pairs, wordlevel_tokenizer, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return wordlevel_tokenizer()
+
+OPTS = dict(progress=False, shard_rows=40, row_group_rows=16)
+
+
+def rows_of(folder):
+    out = []
+    for f in sorted(folder.glob("part-*.parquet")):
+        out += pq.read_table(f).to_pylist()
+    return out
+
+
+def multilingual(n):
+    return pairs(n, lang="en") + pairs(n, prefix="w", lang="de")
+
+
+@pytest.mark.parametrize("split_langs", [False, True])
+def test_shards_stats_and_manifest_are_written_and_stream(tmp_path, tokenizer, split_langs):
+    raw = write_jsonl(tmp_path / "raw.jsonl", multilingual(50))
+    stats = prepare({"src": TextPairDataModule(str(raw))}, tmp_path / "out",
+                    PrepareOptions(split_langs=split_langs, **OPTS))
+    assert stats["src"]["counts"] == {"read": 100, "kept": 100}
+    assert stats["src"]["langs"] == {"de": {"kept": 50}, "en": {"kept": 50}}
+    out = tmp_path / "out" / "src"
+    assert len(list(out.glob("part-*.parquet"))) == 3  # 40 + 40 + 20
+    manifest = json.loads((out / "shards.json").read_text())
+    for shard in manifest["shards"]:
+        meta = pq.ParquetFile(out / shard["file"]).metadata
+        assert [rg["rows"] for rg in shard["row_groups"]] == [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        assert all(rg["rows"] <= 16 for rg in shard["row_groups"])
+        if split_langs:
+            assert all(rg["lang"] in ("en", "de") for rg in shard["row_groups"])
+    rows = rows_of(out)
+    assert set(rows[0]) == {"query", "positive", "negatives", "teacher_scores", "lang", "source"}
+    assert sorted((r["query"], r["lang"]) for r in rows) == sorted((f"w{i % 200}", lang) for lang in ("en", "de") for i in range(50))
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["src"]["counts"]["kept"] == 100
+    table = format_stats(stats)
+    assert "src" in table and "de" in table and "kept" in table
+    # the training side streams the prepared folder automatically; single-language row groups allow
+    # language temperature (each language its own stream)
+    dm = MixtureDataModule({"src": TextPairDataModule(str(out))}, lang_temperature_alpha=0.5 if split_langs else None)
+    dm.connect(tokenizer, global_batch_size=10)
+    dm.setup()
+    leaves = sorted(lf.key for lf in dm.sources()["src"].leaves)
+    assert dm.is_streaming() and leaves == (["src/de", "src/en"] if split_langs else ["src"])
+    it = iter(dm.train_dataloader())
+    assert [lang for _ in range(10) for lang in next(it)["lang"]].count("de") > 20
+
+
+def test_eval_sets_exact_match_removal(tmp_path):
+    recs = [{"query": "w1 w2", "positive": "w3 w4"}, {"query": "w5", "positive": "w6  w7"},
+            {"query": "w8", "positive": "w9"}, {"query": "w10", "positive": "w11"}]
+    raw = write_jsonl(tmp_path / "raw.jsonl", recs)
+    beir = tmp_path / "beir" / "xx"  # MIRACL-style: per-language subfolders
+    beir.mkdir(parents=True)
+    write_jsonl(beir / "queries.jsonl", [{"_id": "q1", "text": "w1 w2"}])
+    write_jsonl(beir / "corpus.jsonl", [{"_id": "d1", "title": "w6", "text": "w7"}, {"_id": "d2", "title": "", "text": "w11"}])
+    stats = prepare({"s": TextPairDataModule(str(raw))}, tmp_path / "out",
+                    PrepareOptions(eval_sets=[str(tmp_path / "beir")], **OPTS))
+    # query "w1 w2" (a query), positive "w6  w7" (title + text, whitespace-normalised), positive "w11"
+    assert stats["s"]["counts"] == {"read": 4, "kept": 1, "skipped/eval_overlap": 3}
+    assert [r["query"] for r in rows_of(tmp_path / "out" / "s")] == ["w8"]
+
+
+def topic_embed(texts, kind):
+    """A deterministic fake encoder: the topic of a text is its first word (``tK``), embedded one-hot."""
+    out = np.zeros((len(texts), 16), dtype=np.float32)
+    for i, t in enumerate(texts):
+        out[i, int(t.split()[0][1:]) % 16] = 1.0
+    return out
+
+
+def test_consistency_filter_keeps_top_k_and_drops_the_rest(tmp_path):
+    f = ConsistencyFilter(topic_embed, ["t1 a", "t1 b", "t2 c", "t3 d"], top_k=2)
+    # rank = 1 + pool passages scoring strictly higher than the positive
+    assert f.ranks(["t1 q", "t1 q", "t2 q"], ["t1 p", "t5 p", "t3 p"]).tolist() == [1, 3, 2]
+    assert f.keep(["t1 q", "t1 q", "t2 q"], ["t1 p", "t5 p", "t3 p"]).tolist() == [True, False, True]
+    consistent = [{"query": f"t{k} question {i}", "positive": f"t{k} answer {i}"} for k in range(4) for i in range(5)]
+    noisy = [{"query": f"t{k} question x", "positive": f"t{(k + 1) % 4} unrelated"} for k in range(4)]
+    raw = write_jsonl(tmp_path / "raw.jsonl", consistent + noisy)
+    stats = prepare({"s": TextPairDataModule(str(raw))}, tmp_path / "out",
+                    PrepareOptions(consistency_pool=100, **OPTS), embedder=topic_embed)
+    assert stats["s"]["counts"] == {"read": 24, "kept": 20, "skipped/inconsistent": 4}
+    assert all("unrelated" not in r["positive"] for r in rows_of(tmp_path / "out" / "s"))
+    pool = json.loads((tmp_path / "out" / "s" / "_consistency" / "pool.json").read_text())
+    assert len(pool["texts"]) == 24  # the pool is cached for a resumed run
+
+
+def test_resume_after_interruption_gives_the_same_output(tmp_path):
+    (tmp_path / "raw").mkdir()
+    write_jsonl(tmp_path / "raw" / "a.jsonl", multilingual(60))
+    write_jsonl(tmp_path / "raw" / "b.jsonl", pairs(30, lang="fr"))
+    src = lambda: {"s": TextPairDataModule(str(tmp_path / "raw"))}  # noqa: E731
+    full = prepare(src(), tmp_path / "full", PrepareOptions(**OPTS))
+    first = prepare(src(), tmp_path / "part", PrepareOptions(max_shards=2, **OPTS))
+    assert first.get("_stopped") and len(list((tmp_path / "part" / "s").glob("part-*.parquet"))) == 2
+    assert not (tmp_path / "part" / "s" / "shards.json").exists()
+    second = prepare(src(), tmp_path / "part", PrepareOptions(**OPTS))
+    assert second["s"] == full["s"]
+    assert rows_of(tmp_path / "part" / "s") == rows_of(tmp_path / "full" / "s")
+    names = lambda d: sorted(p.name for p in d.glob("part-*.parquet"))  # noqa: E731
+    assert names(tmp_path / "part" / "s") == names(tmp_path / "full" / "s")
+    # a finished run is not redone
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "part" / "s").glob("part-*.parquet")}
+    prepare(src(), tmp_path / "part", PrepareOptions(**OPTS))
+    assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "part" / "s").glob("part-*.parquet")}
+
+
+def _bad_file(tmp_path):
+    lines = [json.dumps(r, ensure_ascii=False) for r in pairs(4, lang="en")]
+    lines += [
+        '{"query": "w1", "positive": ',  # 5 malformed JSON
+        json.dumps({"query": "w1"}),  # 6 missing field
+        json.dumps({"query": "   ", "positive": "w2"}),  # 7 empty text
+        json.dumps({"query": "w1", "positive": 3}),  # 8 wrong type
+        json.dumps({"query": "w1", "positive": "w2 " * 50}),  # 9 too long
+        json.dumps({"query": "кошка", "positive": "w2", "lang": "en"}),  # 10 Cyrillic query declared English
+        json.dumps({"query": "w1", "positive": "w2", "lang": "ja"}),  # 11 language not asked for
+        json.dumps({"query": "w1", "positive": "w2", "negatives": ["w3"], "teacher_scores": [1.0]}),  # 12
+    ]
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(("\n".join(lines) + "\n").encode() + b'{"query": "\xff\xfe", "positive": "w"}\n')  # 13 undecodable
+    return p
+
+
+def test_bad_records_are_counted_per_reason(tmp_path):
+    p = _bad_file(tmp_path)
+    stats = prepare({"s": TextPairDataModule(str(p))}, tmp_path / "out",
+                    PrepareOptions(max_chars=60, langs=["en", "de"], **OPTS))
+    assert stats["s"]["counts"] == {
+        "read": 13, "kept": 4, "skipped/malformed_json": 1, "skipped/missing_field": 1, "skipped/empty_text": 1,
+        "skipped/bad_type": 1, "skipped/too_long": 1, "skipped/wrong_language": 2, "skipped/bad_teacher_scores": 1,
+        "skipped/undecodable": 1,
+    }
+
+
+@pytest.mark.parametrize(("line", "match"), [(5, "malformed JSON"), (6, "field 'positive'"), (13, "UTF-8")])
+def test_strict_mode_names_file_and_line(tmp_path, line, match):
+    p = _bad_file(tmp_path)
+    lines = p.read_bytes().split(b"\n")
+    keep = lines[:4] + [lines[line - 1]]
+    p.write_bytes(b"\n".join(keep) + b"\n")
+    with pytest.raises(DataError, match=rf"bad\.jsonl:5.*{match}"):
+        prepare({"s": TextPairDataModule(str(p))}, tmp_path / "out", PrepareOptions(strict=True, **OPTS))
+
+
+def test_language_check_by_script():
+    assert dominant_script("Привет, мир") == "Cyrillic" and dominant_script("猫が好き") == "Han"
+    assert dominant_script("12345 !!") is None
+    check = LanguageCheck(["ru", "en"])
+    ex = lambda q, p, lang: PairExample(q, p, lang=lang)  # noqa: E731
+    assert check.ok(ex("кошка", "a cat", "ru"))  # a translation pair: the positive in another asked-for language
+    assert not check.ok(ex("cat", "кошка", "ru"))  # the query is not in Russian's script
+    assert not check.ok(ex("cat", "кошка", "de"))  # German was not asked for
+    assert not check.ok(ex("кошка", "猫", "ru"))  # the positive's script is none of the asked languages'
+
+
+def test_cli_single_source_and_config(tmp_path, capsys):
+    raw = write_jsonl(tmp_path / "raw.jsonl", multilingual(10))
+    rc = main(["--source", "me5.data.sources.columns.ColumnPairs", "--raw", str(raw), "--name", "wiki",
+               "--source-arg", "lang=de", "--out", str(tmp_path / "o1"), "--no-progress", "--shard-rows", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "wiki" in out and (tmp_path / "o1" / "wiki" / "shards.json").is_file()
+    cfg = tmp_path / "prep.yaml"
+    cfg.write_text(f"shard_rows: 5\nsources:\n  a:\n    _target_: me5.data.TextPairDataModule\n    path: {raw}\n"
+                   f"  b:\n    _target_: me5.data.TextPairDataModule\n    path: {_bad_file(tmp_path)}\n")
+    assert main(["--config", str(cfg), "--out", str(tmp_path / "o2"), "--no-progress", "--only", "a"]) == 0
+    assert json.loads((tmp_path / "o2" / "stats.json").read_text())["a"]["counts"]["kept"] == 20
+    assert len(list((tmp_path / "o2" / "a").glob("part-*.parquet"))) == 4
+    rc = main(["--config", str(cfg), "--out", str(tmp_path / "o3"), "--no-progress", "--strict"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.jsonl:5" in err and "Traceback" not in err
+
+
+def test_consistency_filter_with_a_tiny_exported_model(tmp_path, tokenizer):
+    """The CLI path: ``--consistency-model`` loads an exported me5 folder (here: a random 1-layer encoder)."""
+    from me5.models.encoder import Encoder
+
+    enc = Encoder.from_scratch(tokenizer=tokenizer, num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=80)
+    enc.save_pretrained(tmp_path / "model", tokenizer, max_seq_length=64)
+    raw = write_jsonl(tmp_path / "raw.jsonl", pairs(30))
+    rc = main(["--source", "me5.data.TextPairDataModule", "--raw", str(raw), "--name", "s", "--out", str(tmp_path / "o"),
+               "--consistency-model", str(tmp_path / "model"), "--consistency-pool", "10", "--consistency-top-k", "3",
+               "--no-progress"])
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())["s"]["counts"]
+    assert rc == 0 and stats["read"] == 30 and stats["kept"] + stats.get("skipped/inconsistent", 0) == 30
+    assert len(json.loads((tmp_path / "o" / "s" / "_consistency" / "pool.json").read_text())["texts"]) == 10
