@@ -209,3 +209,140 @@ def test_single_process_helpers_are_identities():
     assert torch.equal(lin.weight.grad, before)
     with pytest.raises(ValueError, match="op"):
         all_reduce_gradients(lin.parameters(), op="max")
+
+
+# ---------------------------------------------------------------------------------------------- the Lightning path
+# Two gloo ranks run ``Trainer.fit`` for one step of the real EmbeddingModule (GradCache on, tiny XLM-R, dropout
+# off) under our strategies; one process runs the same step on the union batch. Gradients are recorded after
+# the module's sync and clipping (``on_before_optimizer_step``), weights after one AdamW step.
+LIGHTNING_RUNS = {
+    # name: (strategy, stage, module options, strategy options)
+    "ddp-pretrain": ("ddp", "pretrain", {"chunk_rows": 2}, {}),
+    "ddp-finetune": ("ddp", "finetune", {"chunk_tokens": 40, "sort_by_length": True}, {}),
+    "fsdp2-pretrain": ("fsdp2", "pretrain", {"chunk_rows": 2}, {}),
+    "fsdp2-finetune": ("fsdp2", "finetune", {"chunk_tokens": 40}, {"sync_every_chunk": True}),
+}
+L_QUERIES, L_GROUPS = 6, {"pretrain": 1, "finetune": 3}
+
+
+def _lightning_module(stage: str, options: dict):
+    import functools
+
+    from me5.training import ContrastivePretraining, SupervisedFinetuning
+    from tests import tiny
+
+    cls = ContrastivePretraining if stage == "pretrain" else SupervisedFinetuning
+    # grad_clip small enough to clip: checks the DTensor-aware clipping against torch's
+    return cls(tiny.encoder(dropout=0.0), tiny.loss(stage), grad_clip=0.05,
+               optimizer=functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.01), **options)
+
+
+def _lightning_batch(stage: str, rank: int, world: int) -> dict:
+    from tests import tiny
+
+    g = L_GROUPS[stage]
+    q, p, t = tiny.union_texts(L_QUERIES, g)
+    q, p, t = tiny.shard(q, p, t, g, rank, world)
+    return tiny.batch_from_texts(q, p, g, t if stage == "finetune" else None)
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _lightning_worker(rank: int, port: int, out_dir: str, accelerator: str = "cpu") -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), NODE_RANK="0")
+    torch.set_num_threads(1)
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from torch.utils.data import DataLoader
+
+    from me5.training import AllReduceDDPStrategy, FSDP2Strategy
+
+    class Record(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.grads = {n: _full(p.grad).detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.loss = outputs["loss"].detach().clone()
+
+    out = {}
+    for name, (kind, stage, options, strategy_options) in LIGHTNING_RUNS.items():
+        module = _lightning_module(stage, options)
+        record = Record()
+        strategy = AllReduceDDPStrategy() if kind == "ddp" else FSDP2Strategy(**strategy_options)
+        trainer = L.Trainer(accelerator=accelerator, devices=WORLD, strategy=strategy, max_steps=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, use_distributed_sampler=False, callbacks=[record])
+        trainer.fit(module, train_dataloaders=DataLoader([_lightning_batch(stage, rank, WORLD)], batch_size=None))
+        out[name] = {
+            "loss": record.loss.cpu(),
+            "grads": {k: v.cpu() for k, v in record.grads.items()},
+            "weights": {k: v.detach().cpu().clone() for k, v in module.encoder.state_dict().items()},
+            "masked": float(trainer.callback_metrics["train/duplicates_masked"]),
+            "plain_after_fit": not any(hasattr(p, "full_tensor") for p in module.encoder.parameters()),
+        }
+    torch.save(out, os.path.join(out_dir, f"lightning_rank{rank}.pt"))
+
+
+def _run_lightning_workers(out_dir, accelerator: str = "cpu"):
+    ctx = mp.spawn(_lightning_worker, args=(_free_port(), str(out_dir), accelerator), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the Lightning workers did not finish in 240 s")
+    return [torch.load(out_dir / f"lightning_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def lightning_results(tmp_path_factory):
+    return _run_lightning_workers(tmp_path_factory.mktemp("lightning"))
+
+
+def _union_step(name: str):
+    """One process, the union batch, the same module options: loss, clipped grads, weights after AdamW."""
+    _, stage, options, _ = LIGHTNING_RUNS[name]
+    module = _lightning_module(stage, options)
+    opt = module.configure_optimizers()
+    out = module.compute_loss_and_backward(_lightning_batch(stage, 0, 1))
+    torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], module.grad_clip)
+    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    opt.step()
+    return out.loss, grads, module.encoder.state_dict()
+
+
+@pytest.mark.parametrize("name", list(LIGHTNING_RUNS))
+def test_lightning_two_ranks_equal_one_process_on_the_union_batch(lightning_results, name):
+    loss, grads, weights = _union_step(name)
+    ranks = [r[name] for r in lightning_results]
+    torch.testing.assert_close(torch.stack([r["loss"] for r in ranks]).mean(), loss, rtol=1e-5, atol=1e-6)
+    assert len(grads) > 10 and any("log_scale" in k for k in grads) == name.endswith("pretrain")
+    for r in ranks:
+        assert r["grads"].keys() == grads.keys()
+        for k in grads:
+            torch.testing.assert_close(r["grads"][k], grads[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+        assert r["plain_after_fit"]  # FSDP2: the trained weights are back in the caller's unsharded encoder
+        for k in weights:  # Adam divides by |g|: float noise in a ~0 gradient moves a weight by up to lr * 1e-3
+            torch.testing.assert_close(r["weights"][k], weights[k], rtol=1e-5, atol=2e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_lightning_duplicates_masked_across_ranks(lightning_results):
+    # planted (tests/tiny.py): queries 0 and 1 share a positive (rank 0), queries 2 (rank 0) and 5 (rank 1) too
+    for name in LIGHTNING_RUNS:
+        assert [r[name]["masked"] for r in lightning_results] == [3.0, 1.0], name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_lightning_two_gpus_equal_one_process(tmp_path):
+    """The same four runs on two GPUs (NCCL, fp32): AllReduceDDP and FSDP2 with GradCache == the union step."""
+    results = _run_lightning_workers(tmp_path, accelerator="gpu")
+    for name in LIGHTNING_RUNS:
+        loss, grads, _ = _union_step(name)
+        torch.testing.assert_close(torch.stack([r[name]["loss"] for r in results]).mean(), loss, rtol=1e-4, atol=1e-5)
+        for r in results:
+            for k in grads:
+                torch.testing.assert_close(r[name]["grads"][k], grads[k], rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")

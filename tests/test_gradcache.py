@@ -8,7 +8,14 @@ import pytest
 import torch
 
 import me5.gradcache as gc
-from me5.gradcache import RandContext, gradcache_step, split_by_rows, split_by_tokens
+from me5.gradcache import (
+    RandContext,
+    gradcache_step,
+    plan_chunks,
+    split_by_rows,
+    split_by_tokens,
+    split_to_count,
+)
 from me5.losses import EmbeddingBatch, InfoNCE, KLDistillation, WeightedLoss
 from me5.models.encoder import Encoder
 
@@ -83,18 +90,33 @@ def _chunks(mask, chunk_rows, chunk_tokens):
     return split_by_rows(mask.size(0), chunk_rows or mask.size(0))
 
 
-def _reference_step(encoder, q, p, loss_fn, *, chunk_rows=None, chunk_tokens=None, trim=True):
-    """Ordinary backward: every chunk embedded with a graph (in the same order, so the same dropout draws)."""
+def _reference_step(
+    encoder, q, p, loss_fn, *, chunk_rows=None, chunk_tokens=None, sort_by_length=False, trim=True
+):
+    """Ordinary backward: every chunk embedded with a graph (in the same order, so the same dropout draws).
+
+    With ``sort_by_length`` the rows are permuted by the same plan first and the embeddings put back into batch
+    order by plain indexing (an independent implementation of the un-sort).
+    """
     embs = []
     for side in (q, p):
+        order, chunks = plan_chunks(
+            side["attention_mask"], chunk_rows=chunk_rows, chunk_tokens=chunk_tokens, sort_by_length=sort_by_length
+        )
+        ids_all, mask_all = side["input_ids"], side["attention_mask"]
+        if order is not None:
+            ids_all, mask_all = ids_all[order], mask_all[order]
         parts = []
-        for sl in _chunks(side["attention_mask"], chunk_rows, chunk_tokens):
-            ids, mask = side["input_ids"][sl], side["attention_mask"][sl]
+        for sl in chunks:
+            ids, mask = ids_all[sl], mask_all[sl]
             if trim:  # right padding: cut to the chunk's longest row
                 length = int(mask.sum(1).max())
                 ids, mask = ids[:, :length], mask[:, :length]
             parts.append(encoder(ids, mask))
-        embs.append(torch.cat(parts))
+        emb = torch.cat(parts)
+        if order is not None:
+            emb = emb[torch.argsort(order)]
+        embs.append(emb)
     loss, _ = loss_fn(*embs)
     loss.backward()
     return loss.detach()
@@ -125,6 +147,7 @@ CHUNKINGS = {
     "rows3": dict(chunk_rows=3),
     "tokens": dict(chunk_tokens=40),
     "tokens+rows": dict(chunk_rows=2, chunk_tokens=60),
+    "tokens+sorted": dict(chunk_tokens=40, sort_by_length=True),
 }
 
 
@@ -133,7 +156,7 @@ CHUNKINGS = {
 def test_gradcache_matches_ordinary_backward_with_dropout(tokenizer, inputs, kind, chunking):
     q, p, teacher = inputs
     kwargs = CHUNKINGS[chunking]
-    assert len(_chunks(p["attention_mask"], **{"chunk_rows": None, "chunk_tokens": None, **kwargs})) > 2
+    assert len(plan_chunks(p["attention_mask"], **kwargs)[1]) > 2
     encoder = _encoder(tokenizer, dropout=0.1)
     module, loss_fn = _loss_fn(kind, teacher)
 
@@ -170,7 +193,7 @@ def test_gradcache_single_chunk_equals_plain_full_batch_with_dropout(tokenizer, 
     _assert_grads_close(cached, _grads(encoder, module))
 
 
-@pytest.mark.parametrize("chunking", ["rows3", "tokens"])
+@pytest.mark.parametrize("chunking", ["rows3", "tokens", "tokens+sorted"])
 def test_gradcache_equals_plain_full_batch_without_dropout(tokenizer, inputs, chunking):
     """Chunking and trimming the padding are exact: with dropout off, GradCache == one untrimmed full batch."""
     q, p, teacher = inputs
@@ -221,6 +244,77 @@ def test_backward_fn_is_called_once_per_chunk(tokenizer, inputs):
 
     gradcache_step(encoder, q, p, loss_fn, chunk_rows=4, backward_fn=backward_fn)
     assert len(calls) == len(split_by_rows(B, 4)) + len(split_by_rows(B * G, 4))
+
+
+def test_length_bucketing_packs_tighter_and_unsorts(tokenizer, inputs):
+    """Sorting by length cuts fewer padded tokens, and the embeddings come back in batch order."""
+    _, p, _ = inputs
+    mask = p["attention_mask"]
+    lengths = mask.sum(1)
+
+    def padded_tokens(order, chunks):
+        ls = lengths if order is None else lengths[order]
+        return sum((sl.stop - sl.start) * int(ls[sl].max()) for sl in chunks)
+
+    plain, bucketed = plan_chunks(mask, chunk_tokens=40), plan_chunks(mask, chunk_tokens=40, sort_by_length=True)
+    assert plain[0] is None and sorted(bucketed[0].tolist()) == list(range(mask.size(0)))
+    assert (lengths[bucketed[0]].diff() <= 0).all()  # longest first
+    assert padded_tokens(*bucketed) < padded_tokens(*plain)
+
+    class RowId(torch.nn.Module):  # "embeds" each row as the sum of its ids: checks the un-sort exactly
+        def __init__(self):
+            super().__init__()
+            self.one = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, ids, mask):
+            return (ids * mask).sum(1, keepdim=True).float() * self.one
+
+    got = {}
+
+    def loss_fn(q_BD, p_ND):
+        got["p"] = p_ND.detach().clone()
+        return (q_BD.sum() + p_ND.sum()) * 0, {}
+
+    gradcache_step(RowId(), p, p, loss_fn, chunk_tokens=40, sort_by_length=True)
+    want = (p["input_ids"] * mask).sum(1, keepdim=True).float()
+    assert want.unique().numel() == want.numel()
+    torch.testing.assert_close(got["p"], want)
+
+
+def test_grad_sync_is_true_only_for_the_last_backward(tokenizer, inputs):
+    q, p, teacher = inputs
+    encoder = _encoder(tokenizer)
+    _, loss_fn = _loss_fn("stage2", teacher)
+    flags = []
+    gradcache_step(encoder, q, p, loss_fn, chunk_rows=4, grad_sync=flags.append)
+    assert flags == [False] * (len(flags) - 1) + [True] and len(flags) == 2 + 5
+
+
+def test_split_to_count_and_equalized_gradcache(tokenizer, inputs):
+    chunks = [slice(0, 5), slice(5, 6), slice(6, 9)]
+    assert split_to_count(chunks, 3) == chunks
+    got = split_to_count(chunks, 5)
+    assert len(got) == 5 and got[0].start == 0 and got[-1].stop == 9
+    assert all(a.stop == b.start for a, b in zip(got, got[1:], strict=False))
+    with pytest.raises(ValueError):
+        split_to_count([slice(0, 1), slice(1, 2)], 3)
+    # equalizing to more chunks (as another rank would ask) changes nothing but the chunking
+    q, p, teacher = inputs
+    encoder = _encoder(tokenizer, dropout=0.0)
+    module, loss_fn = _loss_fn("stage2", teacher)
+    calls = []
+
+    def backward_fn(surrogate):
+        calls.append(1)
+        surrogate.backward()
+
+    gradcache_step(encoder, q, p, loss_fn, chunk_tokens=60, equalize_chunks=lambda counts: [c + 2 for c in counts],
+                   backward_fn=backward_fn)
+    n_plain = sum(len(plan_chunks(side["attention_mask"], chunk_tokens=60)[1]) for side in (q, p))
+    assert len(calls) == n_plain + 4
+    cached = _grads(encoder, module)
+    _reference_step(encoder, q, p, loss_fn, trim=False)
+    _assert_grads_close(cached, _grads(encoder, module))
 
 
 def test_rand_context_replays_dropout():

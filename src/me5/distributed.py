@@ -64,6 +64,18 @@ def gather_no_grad(x: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
+def max_over_ranks(values: list[int]) -> list[int]:
+    """Element-wise maximum of a short list of ints over all ranks (identity in one process)."""
+    _, world = world_info()
+    if world == 1:
+        return list(values)
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
 @torch.no_grad()
 def all_reduce_gradients(
     params: Iterable[nn.Parameter], *, op: str = "mean", bucket_bytes: int = _BUCKET_BYTES
@@ -111,3 +123,47 @@ def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
         return
     for t in [*module.parameters(), *module.buffers()]:
         dist.broadcast(t.data, src=src)
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2 (DTensor) helpers
+def is_dtensor(x) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters and gradients)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(x, DTensor)
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float, *, eps: float = 1e-6) -> Tensor:
+    """Scale ``p.grad`` so that the global L2 norm is at most ``max_norm``; returns the norm before clipping.
+
+    Works for a mix of FSDP2-sharded (DTensor, ``Shard`` placement) and replicated plain gradients, which
+    ``torch.nn.utils.clip_grad_norm_`` cannot stack: each rank sums the squares of its local shards, one
+    all-reduce adds the shards up, and the replicated gradients (identical on every rank after their
+    all-reduce) are counted once. With no DTensor it equals ``torch.nn.utils.clip_grad_norm_``.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    sharded = [g.to_local() for g in grads if is_dtensor(g)]
+    plain = [g for g in grads if not is_dtensor(g)]
+    device = (sharded or plain)[0].device
+    total_sq = torch.zeros((), device=device, dtype=torch.float32)
+    if sharded:
+        groups = {id(g.device_mesh): g.device_mesh for g in grads if is_dtensor(g)}
+        if len(groups) > 1:
+            raise ValueError("gradients on several device meshes are not supported")
+        mesh = next(iter(groups.values()))
+        local_sq = sum(t.float().pow(2).sum() for t in sharded if t.numel())
+        local_sq = torch.as_tensor(local_sq, device=device, dtype=torch.float32)
+        dist.all_reduce(local_sq, group=mesh.get_group() if mesh.ndim == 1 else None)
+        total_sq = total_sq + local_sq
+    for g in plain:
+        total_sq = total_sq + g.float().pow(2).sum().to(device)
+    norm = total_sq.sqrt()
+    coef = torch.clamp(max_norm / (norm + eps), max=1.0)
+    for t in [*sharded, *plain]:
+        t.mul_(coef.to(t.device, t.dtype))
+    return norm

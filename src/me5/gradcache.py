@@ -11,6 +11,11 @@ micro-batches. GradCache splits only the *encoder*:
 Step 3 must reproduce step 1 exactly, so each chunk's RNG state is captured before step 1 and replayed in
 step 3 (:class:`RandContext`): dropout then draws the same masks. Chunks are cut to their own longest row, so
 padding beyond it is never computed (exact for right or left padding with masked attention).
+
+Length bucketing (``sort_by_length=True``): rows are sorted by real length (longest first, stable) before they
+are cut into chunks, so each chunk holds rows of similar length and carries little padding; the embeddings are
+put back into batch order before the loss, and the loss gradients are permuted the same way for step 3. The
+result is the gradient of the same loss (only the dropout draws differ, as they are drawn per chunk).
 """
 
 from __future__ import annotations
@@ -81,6 +86,49 @@ def split_by_tokens(
     return chunks
 
 
+def split_to_count(chunks: Sequence[slice], count: int) -> list[slice]:
+    """Split the chunks with the most rows in halves until there are ``count`` of them (order kept).
+
+    Used where every rank must run the same number of encoder passes (FSDP2 gathers parameters in each one)
+    but a token budget cut the batches into different numbers of chunks.
+    """
+    chunks = list(chunks)
+    while len(chunks) < count:
+        i = max(range(len(chunks)), key=lambda k: chunks[k].stop - chunks[k].start)
+        sl = chunks[i]
+        if sl.stop - sl.start < 2:
+            raise ValueError(f"cannot split {len(chunks)} chunks of single rows into {count}")
+        mid = sl.start + (sl.stop - sl.start + 1) // 2
+        chunks[i : i + 1] = [slice(sl.start, mid), slice(mid, sl.stop)]
+    return chunks
+
+
+def plan_chunks(
+    attention_mask_BT: Tensor,
+    *,
+    chunk_rows: int | None = None,
+    chunk_tokens: int | None = None,
+    sort_by_length: bool = False,
+) -> tuple[Tensor | None, list[slice]]:
+    """How :func:`gradcache_step` cuts one side: ``(order, chunks)``.
+
+    ``order`` is None (batch order) or the (N,) permutation that sorts the rows by real length, longest first
+    (stable); ``chunks`` are row slices of the (permuted) batch: by ``chunk_tokens`` (:func:`split_by_tokens`,
+    capped at ``chunk_rows`` rows), else ``chunk_rows`` rows, else one chunk.
+    """
+    order = None
+    if sort_by_length:
+        lengths = attention_mask_BT.sum(dim=1)
+        order = torch.sort(lengths, descending=True, stable=True).indices
+        attention_mask_BT = attention_mask_BT[order]
+    n = attention_mask_BT.size(0)
+    if chunk_tokens is not None:
+        chunks = split_by_tokens(attention_mask_BT, chunk_tokens, max_rows=chunk_rows)
+    else:
+        chunks = split_by_rows(n, chunk_rows or max(n, 1))
+    return order, chunks
+
+
 def _unpack(inputs: Inputs) -> tuple[Tensor, Tensor]:
     if isinstance(inputs, Mapping):
         return inputs["input_ids"], inputs["attention_mask"]
@@ -144,7 +192,10 @@ def gradcache_step(
     *,
     chunk_rows: int | None = None,
     chunk_tokens: int | None = None,
+    sort_by_length: bool = False,
     backward_fn: Callable[[Tensor], None] | None = None,
+    grad_sync: Callable[[bool], None] | None = None,
+    equalize_chunks: Callable[[list[int]], list[int]] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One GradCache forward/backward; leaves the parameter gradients as a full-batch backward would.
 
@@ -157,7 +208,15 @@ def gradcache_step(
             gradients come from its backward.
         chunk_rows: rows per encoder chunk; ``chunk_tokens``: padded-token budget per chunk
             (:func:`split_by_tokens`); both may be set; neither: one chunk per side.
+        sort_by_length: bucket rows of similar length into the same chunk (:func:`plan_chunks`); the loss
+            still sees the batch order.
         backward_fn: backward of the per-chunk surrogates (default ``Tensor.backward``).
+        grad_sync: called right before each chunk's backward with ``True`` for the last one of the step and
+            ``False`` otherwise (e.g. FSDP2 ``set_requires_gradient_sync``: reduce-scatter once per step).
+        equalize_chunks: maps this rank's chunk counts ``[queries, passages]`` to the counts to use (e.g. the
+            maximum over ranks, :func:`me5.distributed.max_over_ranks`); chunks are split further to reach them
+            (:func:`split_to_count`). Needed when the encoder runs collectives in its forward (FSDP2) and a
+            token budget cuts each rank's batch differently.
 
     Returns:
         the detached loss and parts.
@@ -167,21 +226,34 @@ def gradcache_step(
     (a learnable temperature) therefore get unscaled gradients: right for fp32/bf16, wrong under an fp16
     GradScaler (which would unscale them once more).
     """
+    unpacked = [_unpack(inputs) for inputs in (query_inputs, passage_inputs)]
+    plans = [
+        plan_chunks(mask, chunk_rows=chunk_rows, chunk_tokens=chunk_tokens, sort_by_length=sort_by_length)
+        for _, mask in unpacked
+    ]
+    if equalize_chunks is not None:
+        counts = equalize_chunks([len(chunks) for _, chunks in plans])
+        plans = [(order, split_to_count(chunks, n)) for (order, chunks), n in zip(plans, counts, strict=True)]
     sides = []
-    for inputs in (query_inputs, passage_inputs):
-        ids, mask = _unpack(inputs)
-        if chunk_tokens is not None:
-            chunks = split_by_tokens(mask, chunk_tokens, max_rows=chunk_rows)
-        else:
-            chunks = split_by_rows(ids.size(0), chunk_rows or max(ids.size(0), 1))
+    for (ids, mask), (order, chunks) in zip(unpacked, plans, strict=True):
+        if order is not None:
+            ids, mask = ids[order], mask[order]
         emb, states = embed_no_grad(encoder, ids, mask, chunks)
-        sides.append((ids, mask, chunks, states, emb.detach().requires_grad_()))
+        if order is not None:  # back to batch order: emb_batch[order[i]] = emb_sorted[i]
+            emb = torch.empty_like(emb).index_copy_(0, order, emb)
+        sides.append((ids, mask, order, chunks, states, emb.detach().requires_grad_()))
 
-    (_, _, _, _, q_BD), (_, _, _, _, p_ND) = sides
+    q_BD, p_ND = sides[0][-1], sides[1][-1]
     loss, parts = loss_fn(q_BD, p_ND)
     loss.backward()
 
-    for ids, mask, chunks, states, leaf in sides:
-        if leaf.grad is not None:
-            backward_from_cache(encoder, ids, mask, chunks, states, leaf.grad, backward_fn=backward_fn)
+    todo = [side for side in sides if side[-1].grad is not None]
+    n_backward, done = sum(len(side[3]) for side in todo), 0
+    for ids, mask, order, chunks, states, leaf in todo:
+        grad = leaf.grad if order is None else leaf.grad[order]
+        for sl, state in zip(chunks, states, strict=True):
+            done += 1
+            if grad_sync is not None:
+                grad_sync(done == n_backward)
+            backward_from_cache(encoder, ids, mask, [sl], [state], grad, backward_fn=backward_fn)
     return loss.detach(), {name: value.detach() for name, value in parts.items()}

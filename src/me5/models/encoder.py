@@ -21,6 +21,40 @@ from me5.models.pooling import POOLERS
 log = logging.getLogger(__name__)
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def flash_attention_available() -> bool:
+    """True when FlashAttention-2 can run here: the ``flash-attn`` package and a CUDA device."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from transformers.utils import is_flash_attn_2_available
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(is_flash_attn_2_available())
+
+
+def resolve_attn_implementation(name: str) -> str:
+    """The ``attn_implementation`` to hand to transformers.
+
+    ``auto``: ``flash_attention_2`` when :func:`flash_attention_available` (its varlen kernel skips the
+    padding: HF unpads the batch by the attention mask), else ``sdpa`` (PyTorch's fused attention; the
+    default). ``flash_attention_2`` without the package or a GPU is a ConfigError, not a late ImportError.
+    """
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(
+            "model.encoder.attn_implementation", f"unknown '{name}'; choose one of {list(ATTN_IMPLEMENTATIONS)}"
+        )
+    if name == "auto":
+        return "flash_attention_2" if flash_attention_available() else "sdpa"
+    if name == "flash_attention_2" and not flash_attention_available():
+        raise ConfigError(
+            "model.encoder.attn_implementation",
+            "flash_attention_2 needs a CUDA GPU and the flash-attn package (pip install flash-attn "
+            "--no-build-isolation); use sdpa (the default) or auto",
+        )
+    return name
 
 
 class Encoder(nn.Module):
@@ -73,7 +107,7 @@ class Encoder(nn.Module):
                 f"cannot load '{name_or_path}': not a local folder with config.json, and the hub is unreachable "
                 f"or has no such model ({err.__class__.__name__}: {str(err).splitlines()[0]})",
             ) from err
-        kwargs = {"attn_implementation": attn_implementation}
+        kwargs = {"attn_implementation": resolve_attn_implementation(attn_implementation)}
         if config.model_type in {"xlm-roberta", "bert", "roberta"}:
             kwargs["add_pooling_layer"] = False  # unused pooler params break DDP without find_unused_parameters
         backbone = AutoModel.from_pretrained(name_or_path, **kwargs)
@@ -105,11 +139,41 @@ class Encoder(nn.Module):
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id,
             eos_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id,
-            attn_implementation=attn_implementation,
+            attn_implementation=resolve_attn_implementation(attn_implementation),
             **config_kwargs,
         )
         kwargs = {"add_pooling_layer": False} if model_type in {"xlm-roberta", "bert", "roberta"} else {}
         backbone = AutoModel.from_config(config, **kwargs)
+        enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast)
+        if gradient_checkpointing:
+            enc.enable_activation_checkpointing()
+        return enc
+
+    @classmethod
+    def from_config(
+        cls,
+        config,
+        *,
+        pooling: str = "mean",
+        normalize: bool = True,
+        autocast: str = "fp32",
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
+    ) -> Encoder:
+        """A randomly initialised backbone of any shape, no download and no tokenizer.
+
+        ``config``: a ``transformers`` config, or a dict with ``model_type`` and the config fields (e.g. the
+        real XLM-R-large dimensions for a benchmark, :mod:`me5.bench`).
+        """
+        from transformers import AutoConfig, AutoModel
+
+        if isinstance(config, dict):
+            fields = dict(config)
+            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        kwargs = {"add_pooling_layer": False} if config.model_type in {"xlm-roberta", "bert", "roberta"} else {}
+        backbone = AutoModel.from_config(
+            config, attn_implementation=resolve_attn_implementation(attn_implementation), **kwargs
+        )
         enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast)
         if gradient_checkpointing:
             enc.enable_activation_checkpointing()
