@@ -11,6 +11,8 @@ to its new classes without warnings, and older releases (2.x-5.x) read it too.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 from pathlib import Path
@@ -139,10 +141,8 @@ def _versions() -> dict[str, str]:
 
     out = {}
     for pkg in ("me5", "transformers", "torch"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):  # a package run from a source tree has no metadata
             out["pytorch" if pkg == "torch" else pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
     return out
 
 

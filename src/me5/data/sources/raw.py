@@ -92,8 +92,11 @@ class RawPairSource(TextPairDataModule):
 
     # ------------------------------------------------------------------ what a raw source overrides
     def pair(self, record: Mapping) -> Mapping:
-        """The converted fields (``query``, ``positive``, optional ``negatives``) of one raw record."""
-        raise NotImplementedError
+        """The converted fields (``query``, ``positive``, optional ``negatives``) of one raw record.
+
+        Abstract: every concrete source defines it (this base has no pair format of its own).
+        """
+        raise TypeError(f"{type(self).__name__} must define pair(record) to convert its raw records")
 
     def lang_of_config(self, hub_config: str) -> str | None:
         """The language a hub config names: the config itself where ``configs_are_langs``, else ``None``."""
