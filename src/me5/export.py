@@ -12,7 +12,6 @@ to its new classes without warnings, and older releases (2.x-5.x) read it too.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import logging
 from pathlib import Path
