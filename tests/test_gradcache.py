@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -18,6 +16,7 @@ from me5.gradcache import (
 )
 from me5.losses import EmbeddingBatch, InfoNCE, KLDistillation, WeightedLoss
 from me5.models.encoder import Encoder
+from tests import tiny
 
 B, G = 6, 3
 SEED = 1234
@@ -25,39 +24,15 @@ SEED = 1234
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<s>", "<pad>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(300)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
+    return tiny.tokenizer()
 
 
 def _encoder(tokenizer, dropout: float = 0.1) -> Encoder:
-    torch.manual_seed(0)
-    enc = Encoder.from_scratch(
-        tokenizer=tokenizer,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
-    return enc.train()
+    return tiny.encoder(dropout)
 
 
 def _texts(n: int, lo: int, hi: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(f"w{rng.randrange(300)}" for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+    return tiny.texts(n, lo, hi, seed)
 
 
 @pytest.fixture(scope="module")

@@ -131,23 +131,18 @@ class Encoder(nn.Module):
         **config_kwargs,
     ) -> Encoder:
         """Build a randomly initialised backbone from a config (the ``tiny`` model), sized to ``tokenizer``."""
-        from transformers import AutoConfig, AutoModel
-
-        config = AutoConfig.for_model(
-            model_type,
+        config = dict(
+            model_type=model_type,
             vocab_size=len(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id,
             eos_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id,
-            attn_implementation=resolve_attn_implementation(attn_implementation),
             **config_kwargs,
         )
-        kwargs = {"add_pooling_layer": False} if model_type in {"xlm-roberta", "bert", "roberta"} else {}
-        backbone = AutoModel.from_config(config, **kwargs)
-        enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast)
-        if gradient_checkpointing:
-            enc.enable_activation_checkpointing()
-        return enc
+        return cls.from_config(
+            config, pooling=pooling, normalize=normalize, autocast=autocast,
+            attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing,
+        )
 
     @classmethod
     def from_config(
