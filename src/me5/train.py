@@ -16,6 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from me5.distributed import shutdown_process_group
 from me5.errors import Me5Error
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -39,7 +40,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry point; a bad config or bad data exits 2 with the message, no traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _hydra_main()
+    try:
+        _hydra_main()
+    finally:  # multi-process runs: no gloo teardown abort at exit (see me5.distributed.shutdown_process_group)
+        shutdown_process_group()
 
 
 def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
