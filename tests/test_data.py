@@ -264,17 +264,51 @@ def _texts(n, seed=0):
 def test_fast_collator_equals_the_reference_and_counts_truncation_exactly(tokenizer, unigram, which, max_length):
     tok = tokenizer if which == "wordlevel" else unigram
     texts = _texts(300) if which == "unigram" else [" ".join(f"w{j}" for j in range(i % 40)) for i in range(300)]
-    for chars_per_token in (1, 8):  # 1: the pre-cut often falls short of the budget and the text is redone in full
+    # word_cache 0: the pre-cut path (chars_per_token 1: the cut often falls short and the text is redone in full);
+    # 7: the word cache, full after a few words (the rest are encoded per batch); 10**6: the word cache
+    for chars_per_token, word_cache in ((1, 0), (8, 0), (8, 7), (8, 10**6)):
         coll = PairCollator(tok, query_max_length=max_length, passage_max_length=max_length,
-                            chars_per_token=chars_per_token)
+                            chars_per_token=chars_per_token, word_cache=word_cache)
         assert coll.pre_truncate  # both pre-tokenizers split on whitespace
+        assert (coll.word_cache_stats() is not None) == (word_cache > 0)
+        coll._verified.add(max_length)  # no fallback to the Rust path: the cache's own output is compared below
         for i in range(0, 300, 50):
             ids, mask, n = coll._encode(texts[i: i + 50], max_length)
             r_ids, r_mask, r_n = reference_encode(tok, texts[i: i + 50], max_length)
             assert torch.equal(ids, r_ids) and torch.equal(mask, r_mask) and n == r_n
+        if word_cache:
+            stats = coll.word_cache_stats()
+            assert stats["entries"] == min(word_cache, stats["misses"]) and stats["hit_rate"] > 0.5
     full = [len(x) for x in tok(texts, add_special_tokens=True)["input_ids"]]
     _, _, n = PairCollator(tok)._encode(texts, max_length)
     assert n == sum(length > max_length for length in full)  # exact count
+
+
+def test_word_cache_is_off_where_chunks_do_not_encode_independently(unigram):
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    from me5.data.collate import _WordCache
+
+    backend = unigram.backend_tokenizer
+    cache, why = _WordCache.create(backend.to_str(), 100)
+    assert cache is not None and why == ""
+    first_only = Tokenizer.from_str(backend.to_str())  # "▁" only before the first word: chunks are not independent
+    first_only.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    cache, why = _WordCache.create(first_only.to_str(), 100)
+    assert cache is None and "differs from the full encoding" in why
+    first_only.pre_tokenizer = None  # no word splitting at all
+    assert _WordCache.create(first_only.to_str(), 100) == (None, "the pre-tokenizer does not split on whitespace")
+
+
+def test_word_cache_first_batch_check_falls_back_to_the_tokenizer(unigram, caplog):
+    texts = _texts(40)
+    coll = PairCollator(unigram, query_max_length=32, passage_max_length=32)
+    coll._word_cache.table["cat"] = [4, 4, 4]  # a wrong entry, as a broken chunk property would give
+    with caplog.at_level("WARNING", logger="me5.data.collate"):
+        ids, mask, n = coll._encode(texts, 32)
+    r_ids, r_mask, r_n = reference_encode(unigram, texts, 32)
+    assert torch.equal(ids, r_ids) and n == r_n
+    assert coll.word_cache_stats() is None and "word cache off" in caplog.text
 
 
 def test_collator_without_pre_cut_and_slow_path_agree(tokenizer):
@@ -284,3 +318,11 @@ def test_collator_without_pre_cut_and_slow_path_agree(tokenizer):
     slow._backends = {}  # what a tokenizer without a Rust backend gets
     for a, b in zip(fast._encode(texts, 16), slow._encode(texts, 16)):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "big"])
+def test_word_cache_setting_is_checked(tmp_path, bad):
+    with pytest.raises(ConfigError, match="data.word_cache"):
+        TextPairDataModule(str(tmp_path / "pairs.jsonl"), word_cache=bad)
+    with pytest.raises(ConfigError, match="data.word_cache"):
+        MixtureDataModule({"a": TextPairDataModule(str(tmp_path / "pairs.jsonl"))}, word_cache=bad)

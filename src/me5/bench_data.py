@@ -217,14 +217,15 @@ def throughput(dm, n_batches: int, *, collator=None, warmup: int = 1) -> tuple[f
     return pairs / (time.perf_counter() - t1), t_first
 
 
-def collate_only(dm, n_batches: int) -> float:
-    """Tokenise + collate pre-formatted items (no reading)."""
+def collate_only(dm, n_batches: int, *, word_cache: int = 262_144) -> tuple[float, str]:
+    """Tokenise + collate pre-formatted items (no reading): (pairs/s, word-cache note)."""
     import numpy as np
 
     from me5.data.collate import PairCollator
 
     a = dm._loader_args
-    coll = PairCollator(a["tokenizer"], query_max_length=QUERY_MAX, passage_max_length=PASSAGE_MAX)
+    coll = PairCollator(a["tokenizer"], query_max_length=QUERY_MAX, passage_max_length=PASSAGE_MAX,
+                        word_cache=word_cache)
     src = next(iter(dm.sources().values()))
     if src.examples is None:
         from me5.data.readers import read_row_group
@@ -238,15 +239,24 @@ def collate_only(dm, n_batches: int) -> float:
         exs = src.examples
     rng = np.random.default_rng(0)
     B = a["global_batch_size"]
+    # distinct items in every batch (a row group holds 10k: at most ~9 batches of 1024 before repeating)
     batches = [[src.format(exs[(i * B + j) % len(exs)], n_negatives=0, rng=rng) for j in range(B)] for i in range(n_batches)]
     t = time.perf_counter()
     for items in batches:
         coll(items)
-    return n_batches * B / (time.perf_counter() - t)
+    return n_batches * B / (time.perf_counter() - t), cache_note(coll)
 
 
-def precut_effect(tok, n_pairs: int, batch: int) -> tuple[float, float, float]:
-    """(pairs/s with the pre-cut, without it, fraction of passages truncated) on web-page-like passages."""
+def cache_note(coll) -> str:
+    stats = coll.word_cache_stats()
+    if stats is None:
+        return "word cache off"
+    return f"word cache: {stats['hit_rate']:.1%} hits, {stats['entries']:,} entries"
+
+
+def precut_effect(tok, n_pairs: int, batch: int) -> list[tuple[str, float]]:
+    """Pairs/s on web-page-like passages (mostly far over the budget) with the word cache, and without it
+    with and without the pre-cut; the last entry is the fraction of passages truncated."""
     from me5.data.collate import PairCollator
 
     gen = PseudoText(seed=3)
@@ -257,13 +267,15 @@ def precut_effect(tok, n_pairs: int, batch: int) -> tuple[float, float, float]:
         items.append({"query": "query: " + q, "passages": ["passage: " + p], "teacher_scores": None, "lang": lang,
                       "source": "web"})
     out = []
-    for pre in (True, False):
-        coll = PairCollator(tok, query_max_length=QUERY_MAX, passage_max_length=PASSAGE_MAX, pre_truncate=pre)
+    for name, pre, cache in (("word cache", True, 262_144), ("pre-cut on", True, 0), ("pre-cut off", False, 0)):
+        coll = PairCollator(tok, query_max_length=QUERY_MAX, passage_max_length=PASSAGE_MAX, pre_truncate=pre,
+                            word_cache=cache)
         t, trunc = time.perf_counter(), 0
         for i in range(0, n_pairs, batch):
             trunc += coll(items[i: i + batch])["n_truncated_passages"]
-        out.append(n_pairs / (time.perf_counter() - t))
-    return out[0], out[1], trunc / n_pairs
+        out.append((name, n_pairs / (time.perf_counter() - t)))
+    out.append(("truncated", trunc / n_pairs))
+    return out
 
 
 def resume_overhead(path, tok, *, num_workers: int, batch: int, position_pairs: int) -> dict:
@@ -332,6 +344,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1024, help="per-device batch")
     p.add_argument("--batches", type=int, default=20, help="batches timed per configuration")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--warm-pairs", type=int, default=200_000,
+                   help="pairs streamed before the warm word-cache row is timed")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     import torch
@@ -354,18 +368,30 @@ def main(argv=None) -> int:
     dm = _dm(sample_file, tok, num_workers=0, batch=args.batch, streaming=False)
     pps, _ = throughput(dm, args.batches)
     add("sample 20k, in memory, tokenised+collated", 0, pps)
-    add("sample 20k, in memory, tokenise+collate only", 0, collate_only(dm, args.batches))
+    for cache in (262_144, 0):
+        pps, note = collate_only(dm, args.batches, word_cache=cache)
+        add("sample 20k, in memory, tokenise+collate only", 0, pps, note)
     dm = _dm(sample_file, tok, num_workers=0, batch=args.batch, streaming=True)
     pps, _ = throughput(dm, args.batches)
     add("sample 20k, streamed jsonl, tokenised+collated", 0, pps)
 
-    dm = _dm(big, tok, num_workers=0, batch=args.batch, streaming=True)
-    pps, t_first = throughput(dm, args.batches)
-    add(f"{args.pairs:,} parquet, streamed, tokenised+collated", 0, pps, f"first batch {t_first:.2f} s")
+    from me5.data.collate import PairCollator
+
+    # a fresh stream and collator each; "cold": the first batches; "warm": batches after --warm-pairs more pairs
+    warm = max(1, args.warm_pairs // args.batch)
+    for cache, warmup, label in ((262_144, 1, "cold"), (262_144, warm, "warm"), (0, 1, "")):
+        dm = _dm(big, tok, num_workers=0, batch=args.batch, streaming=True)
+        coll = PairCollator(tok, query_max_length=QUERY_MAX, passage_max_length=PASSAGE_MAX, word_cache=cache)
+        pps, t_first = throughput(dm, args.batches, collator=coll, warmup=warmup)
+        where = f"batches {warmup + 1}-{warmup + args.batches}"
+        add(f"{args.pairs:,} parquet, streamed, tokenised+collated", 0, pps,
+            f"{where}; {label + ' ' if label else ''}{cache_note(coll)}")
     pps, _ = throughput(_dm(big, tok, num_workers=0, batch=args.batch, streaming=True), args.batches * 3,
                         collator=_NoCollate())
     add(f"{args.pairs:,} parquet, read+convert+format only", 0, pps)
-    add(f"{args.pairs:,} parquet, tokenise+collate only", 0, collate_only(dm, args.batches))
+    for cache in (262_144, 0):
+        pps, note = collate_only(dm, args.batches, word_cache=cache)
+        add(f"{args.pairs:,} parquet, tokenise+collate only", 0, pps, note)
     if args.workers:
         eff = parallel_scaling(args.workers)
         dmw = _dm(big, tok, num_workers=args.workers, batch=args.batch, streaming=True)
@@ -373,9 +399,10 @@ def main(argv=None) -> int:
         add(f"{args.pairs:,} parquet, streamed, tokenised+collated", args.workers, pps,
             f"first batch {t_first:.2f} s; {args.workers} processes get {eff:.1f} cores' worth here")
 
-    with_cut, without, frac = precut_effect(tok, args.batch * max(2, args.batches // 4), args.batch)
-    add("web-like passages (~4k chars), collate, pre-cut on", 0, with_cut, f"{frac:.0%} of passages truncated")
-    add("web-like passages (~4k chars), collate, pre-cut off", 0, without, "same output, same counts")
+    *web, (_, frac) = precut_effect(tok, args.batch * max(2, args.batches // 4), args.batch)
+    for name, pps in web:
+        add(f"web-like passages (~4k chars), collate, {name}", 0, pps,
+            f"{frac:.0%} of passages truncated" if name == "word cache" else "same output, same counts")
 
     res = [resume_overhead(big, tok, num_workers=w, batch=args.batch, position_pairs=args.pairs)
            for w in sorted({0, args.workers})]

@@ -69,6 +69,12 @@ def _add_mix(into: dict, mix: Mapping) -> None:
             d[lang] = d.get(lang, 0) + int(n)
 
 
+def _check_word_cache(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError("data.word_cache", f"must be an integer >= 0 (0 turns the cache off), got {n!r}")
+    return n
+
+
 class TextPairDataModule(L.LightningDataModule):
     """One text-pair source: query, positive, optional hard negatives and teacher scores, language, source.
 
@@ -91,6 +97,8 @@ class TextPairDataModule(L.LightningDataModule):
             per rank (``max(1, num_workers)``), hence the batch sequence; resume with the same value.
         streaming: read shards lazily instead of loading every example (``None``: automatic, see the module
             docstring).
+        word_cache: distinct words the collator memoises per loader process (``me5.data.collate``; 0: off).
+            Exact by construction and checked; it only changes speed.
         size: the number of pairs, when known (a mixture's default weight); else counted or read from metadata.
     """
 
@@ -123,6 +131,7 @@ class TextPairDataModule(L.LightningDataModule):
         num_workers: int = 0,
         streaming: bool | None = None,
         size: int | None = None,
+        word_cache: int = 262_144,
     ):
         super().__init__()
         self.path = path if path is not None else self.default_path
@@ -149,6 +158,7 @@ class TextPairDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.streaming = streaming
         self.size = size
+        self.word_cache = _check_word_cache(word_cache)
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -416,7 +426,7 @@ class TextPairDataModule(L.LightningDataModule):
                 "stage.global_batch_size", f"{a['global_batch_size']} is not divisible by the world size {world}"
             )
         collator = PairCollator(a["tokenizer"], query_max_length=a["query_max_length"],
-                                passage_max_length=a["passage_max_length"])
+                                passage_max_length=a["passage_max_length"], word_cache=self.word_cache)
         if not self.is_streaming():
             stream = PairBatchStream(
                 self.sources(),

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from me5.data.base import TextPairDataModule
+from me5.data.base import TextPairDataModule, _check_word_cache
 from me5.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class MixtureDataModule(TextPairDataModule):
         seed: int = 0,
         num_workers: int = 0,
         streaming: bool | None = None,
+        word_cache: int = 262_144,
     ):
         L.LightningDataModule.__init__(self)
         if not sources:
@@ -81,6 +82,7 @@ class MixtureDataModule(TextPairDataModule):
         self.num_workers = num_workers
         self.streaming = streaming
         self.size = None
+        self.word_cache = _check_word_cache(word_cache)
         self._init_runtime()
 
     def sources(self) -> dict[str, TextPairDataModule]:
