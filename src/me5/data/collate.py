@@ -155,16 +155,32 @@ class _WordCache:
     def encode(self, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
         """Token ids with special tokens, truncated to ``max_length`` as the Rust tokenizer truncates."""
         budget = max_length - len(self.prefix) - len(self.suffix)
-        table = self.table
-        # every non-empty chunk gives at least one token (almost always): budget + 1 chunks decide a text
-        split = [t.split(" ", budget + 1) for t in texts]
-        # the chunks to encode: unseen ones up to where a lower bound on the length (1 per unseen chunk)
-        # passes the budget, so a long text does not send the words past its cut to the tokenizer
+        get = self.table.get
+        out: list[list[int]] = [[]] * len(texts)
+        pending: list[tuple[int, list[str], list[int], int]] = []  # (row, chunks, ids so far, first unseen chunk)
         missing: set[str] = set()
-        get = table.get
-        for ws in split:
-            n = 0
-            for k, w in enumerate(ws, 1):  # noqa: B007 - k is read after the loop
+        for row, text in enumerate(texts):
+            # every non-empty chunk gives at least one token (almost always): budget + 1 chunks decide a text
+            ws = text.split(" ", budget + 1)
+            ids: list[int] = []
+            piece = None
+            for j, w in enumerate(ws):  # noqa: B007 - j is read after the loop; the common case: one pass
+                piece = get(w)
+                if piece is None:
+                    break
+                ids += piece
+                if len(ids) > budget:
+                    break
+            if piece is not None:
+                self.lookups += j + 1
+                out[row] = ids
+                continue
+            pending.append((row, ws, ids, j))
+            # unseen chunks up to where a lower bound on the length (1 per unseen chunk) passes the budget,
+            # so a long text does not send the words past its cut to the tokenizer
+            n = len(ids)
+            for k in range(j, len(ws)):
+                w = ws[k]
                 piece = get(w)
                 if piece is None:
                     missing.add(w)
@@ -173,20 +189,20 @@ class _WordCache:
                     n += len(piece)
                 if n > budget:
                     break
-            self.lookups += k  # str.split always gives at least one chunk
-        overflow = self._fill(missing) if missing else {}
-        rows, n_truncated = [], 0
-        for ws in split:
-            ids: list[int] = []
-            for w in ws:
-                piece = table.get(w)
-                if piece is None:
-                    piece = overflow.get(w)
-                    if piece is None:  # a chunk past the first budget + 1 (only after empty encodings)
+            self.lookups += k + 1
+        if pending:
+            overflow = self._fill(missing)
+            for row, ws, ids, j in pending:
+                for w in ws[j:]:
+                    piece = get(w) or overflow.get(w)
+                    if piece is None:  # past the lower bound (only after chunks with no tokens)
                         piece = self.tok.encode(w, add_special_tokens=False).ids
-                ids += piece
-                if len(ids) > budget:
-                    break
+                    ids += piece
+                    if len(ids) > budget:
+                        break
+                out[row] = ids
+        rows, n_truncated = [], 0
+        for ids in out:
             if len(ids) > budget:
                 n_truncated += 1
                 ids = ids[:budget]
