@@ -260,7 +260,7 @@ def _texts(n, seed=0):
 
 
 @pytest.mark.parametrize("which", ["wordlevel", "unigram"])
-@pytest.mark.parametrize("max_length", [4, 13, 32, 128])
+@pytest.mark.parametrize("max_length", [2, 3, 4, 13, 32, 128])
 def test_fast_collator_equals_the_reference_and_counts_truncation_exactly(tokenizer, unigram, which, max_length):
     tok = tokenizer if which == "wordlevel" else unigram
     texts = _texts(300) if which == "unigram" else [" ".join(f"w{j}" for j in range(i % 40)) for i in range(300)]
@@ -276,7 +276,7 @@ def test_fast_collator_equals_the_reference_and_counts_truncation_exactly(tokeni
             ids, mask, n = coll._encode(texts[i: i + 50], max_length)
             r_ids, r_mask, r_n = reference_encode(tok, texts[i: i + 50], max_length)
             assert torch.equal(ids, r_ids) and torch.equal(mask, r_mask) and n == r_n
-        if word_cache:
+        if word_cache and max_length > 2:  # 2: no room beside <s> </s>, the Rust path encodes
             stats = coll.word_cache_stats()
             assert stats["entries"] == min(word_cache, stats["misses"]) and stats["hit_rate"] > 0.5
     full = [len(x) for x in tok(texts, add_special_tokens=True)["input_ids"]]

@@ -194,7 +194,9 @@ class _WordCache:
             overflow = self._fill(missing)
             for row, ws, ids, j in pending:
                 for w in ws[j:]:
-                    piece = get(w) or overflow.get(w)
+                    piece = get(w)
+                    if piece is None:
+                        piece = overflow.get(w)
                     if piece is None:  # past the lower bound (only after chunks with no tokens)
                         piece = self.tok.encode(w, add_special_tokens=False).ids
                     ids += piece
@@ -275,7 +277,8 @@ class PairCollator:
 
     # ------------------------------------------------------------------ encoding
     def _encode(self, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        if self._word_cache is not None and max_length in self._backends:
+        cache = self._word_cache
+        if cache is not None and max_length in self._backends and max_length > len(cache.prefix) + len(cache.suffix):
             rows, n_truncated = self._encode_cached(texts, max_length)
         elif max_length in self._backends:
             rows, n_truncated = self._encode_fast(texts, max_length)
