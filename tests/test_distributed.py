@@ -152,16 +152,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def rank_results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("dist")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
+def _spawn_and_join(fn, args: tuple, timeout_s: int, what: str) -> None:
+    """Run ``fn(rank, *args)`` on WORLD spawned processes; fail the test (killing them) after ``timeout_s``."""
+    ctx = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for proc in ctx.processes:
                 proc.kill()
-            pytest.fail("the distributed workers did not finish in 120 s")
+            pytest.fail(f"the {what} did not finish in {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("dist")
+    _spawn_and_join(_worker, (_free_port(), str(out_dir)), 120, "distributed workers")
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -307,13 +312,7 @@ def _lightning_worker(rank: int, port: int, out_dir: str, accelerator: str = "cp
 
 
 def _run_lightning_workers(out_dir, accelerator: str = "cpu"):
-    ctx = mp.spawn(_lightning_worker, args=(_free_port(), str(out_dir), accelerator), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the Lightning workers did not finish in 240 s")
+    _spawn_and_join(_lightning_worker, (_free_port(), str(out_dir), accelerator), 240, "Lightning workers")
     return [torch.load(out_dir / f"lightning_rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
