@@ -41,7 +41,7 @@ def test_evaluate_exported_model(exported, tmp_path, capsys):
 
 def test_missing_data_dir_fails_cleanly(exported, tmp_path, capsys):
     missing = tmp_path / "no_such_dir"
-    assert main(["--model", str(exported), "--data", str(missing)]) != 0
+    assert main(["--model", str(exported), "--data", str(missing)]) == 2  # as me5.train and me5.data.prepare
     err = capsys.readouterr().err
     assert str(missing) in err and "Traceback" not in err
 

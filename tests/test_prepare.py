@@ -114,10 +114,17 @@ def test_consistency_filter_keeps_top_k_and_drops_the_rest(tmp_path):
     assert len(pool["texts"]) == 24  # the pool is cached for a resumed run
 
 
-def test_resume_after_interruption_gives_the_same_output(tmp_path):
+@pytest.mark.parametrize("gz", [False, True], ids=["jsonl", "jsonl.gz"])
+def test_resume_after_interruption_gives_the_same_output(tmp_path, gz):
     (tmp_path / "raw").mkdir()
     write_jsonl(tmp_path / "raw" / "a.jsonl", multilingual(60))
     write_jsonl(tmp_path / "raw" / "b.jsonl", pairs(30, lang="fr"))
+    if gz:  # resuming inside a gzip stream: the byte offset counts decompressed bytes
+        import gzip
+
+        for f in list((tmp_path / "raw").iterdir()):
+            f.with_name(f.name + ".gz").write_bytes(gzip.compress(f.read_bytes()))
+            f.unlink()
     src = lambda: {"s": TextPairDataModule(str(tmp_path / "raw"))}  # noqa: E731
     full = prepare(src(), tmp_path / "full", PrepareOptions(**OPTS))
     first = prepare(src(), tmp_path / "part", PrepareOptions(max_shards=2, **OPTS))

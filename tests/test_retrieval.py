@@ -81,6 +81,18 @@ def test_load_miracl_layout(tmp_path):
     assert set(data["en"].corpus) == {"d1", "d2"}
 
 
+def test_gzip_compressed_corpus_and_queries_read_like_plain_ones(tmp_path):
+    import gzip
+
+    plain = load_beir(write_beir(tmp_path / "plain"))
+    gz = write_beir(tmp_path / "gz" / "de")  # MIRACL layout, compressed
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        (gz / f"{name}.gz").write_bytes(gzip.compress((gz / name).read_bytes()))
+        (gz / name).unlink()
+    data = load_beir(tmp_path / "gz")["de"]
+    assert (data.corpus, data.queries, data.qrels) == (plain.corpus, plain.queries, plain.qrels)
+
+
 @pytest.mark.parametrize("missing", ["corpus.jsonl", "queries.jsonl", "qrels/test.tsv"])
 def test_missing_file_names_path(tmp_path, missing):
     write_beir(tmp_path)

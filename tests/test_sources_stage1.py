@@ -7,6 +7,7 @@ file, the line (row) and the field.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -331,3 +332,52 @@ def test_bad_options_name_the_config_field(make, field):
     with pytest.raises(ConfigError) as info:
         make()
     assert info.value.field == field
+
+
+def _langs(src) -> Counter:
+    return Counter(e.lang for e in src.load_examples())
+
+
+def test_language_comes_from_the_published_file_layout_of_a_multilingual_folder(tmp_path):
+    # one source over a folder of per-language files, as the corpora publish them, labels each file's records
+    assert _langs(MC4Pairs(path=str(RAW / "mc4"), data_files="c4-*.json", title_from="url")) == {"es": 1, "ru": 1}
+    assert _langs(CCNewsPairs(path=str(RAW / "cc_news"), data_files="20*/*.jsonl")) == {"fr": 1, "zh": 1}
+    assert _langs(XP3Pairs(path=str(RAW / "xp3"), data_files=["fr/*", "hi/*"])) == {"fr": 1, "hi": 1}
+    assert _langs(StackExchangePairs(path=str(RAW / "stackexchange"))) == {"en": 2, "ru": 1}
+    assert _langs(WikipediaPairs(path=str(RAW / "wikipedia"), data_files="2023*/*")) == {"en": 2, "ja": 1}
+    # an explicit lang wins over the file names; a file outside the published layout gets the default
+    assert _langs(MC4Pairs(path=str(RAW / "mc4"), data_files="c4-*.json", title_from="url", lang="xx")) == {"xx": 2}
+    other = tmp_path / "pages.jsonl"
+    other.write_text((RAW / "mc4" / "c4-ru.tfrecord-00000-of-01024.json").read_text(encoding="utf-8"), encoding="utf-8")
+    assert _langs(MC4Pairs(path=str(other))) == {"en": 1}
+    # xP3: folder and file name must agree (a three-letter parent folder is not taken for a language)
+    stray = tmp_path / "abc" / "merged_fr.jsonl"
+    stray.parent.mkdir()
+    stray.write_text((RAW / "xp3" / "fr" / "merged_fr.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    assert _langs(XP3Pairs(path=str(stray))) == {"und": 1}
+
+
+def test_gzip_files_read_as_published(tmp_path):
+    import gzip
+
+    folder = tmp_path / "multilingual"
+    folder.mkdir()
+    for f in sorted((RAW / "mc4").glob("c4-*.json")):
+        (folder / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes()))
+    plain = MC4Pairs(path=str(RAW / "mc4"), data_files="c4-*.json", title_from="url")
+    gz = MC4Pairs(path=str(folder), title_from="url")  # the folder lists the .json.gz files
+    got = gz.load_examples()
+    assert [(e.query, e.positive, e.lang) for e in got] == [(e.query, e.positive, e.lang) for e in plain.load_examples()]
+    assert gz.data_counts() == plain.data_counts()
+    assert gz.num_pairs() == plain.num_pairs() == 4  # physical lines, counted through the decompression
+
+
+def test_truncated_gzip_is_an_error_naming_the_file(tmp_path):
+    import gzip
+
+    f = tmp_path / "c4-de.tfrecord-00000-of-00001.json.gz"
+    lines = "".join(f'{{"text": "Titel {i}\\nInhalt {i}", "url": "https://x.de/a", "timestamp": "t"}}\n' for i in range(2000))
+    f.write_bytes(gzip.compress(lines.encode())[:-200])
+    with pytest.raises(DataError, match="corrupt or truncated gzip") as info:
+        MC4Pairs(path=str(f)).load_examples()
+    assert info.value.file == str(f)

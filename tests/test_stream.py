@@ -418,3 +418,29 @@ def test_state_dict_gathers_every_ranks_readers_under_torch_distributed(tmp_path
         state, mix = results[r]
         assert sorted(state["stream"]["readers"]) == [0, 1]  # rank 0's reader and rank 1's, on every rank
         assert sum(state["realised_mixture"]["pairs"].values()) == 3 * 8 == sum(mix["pairs"].values())
+
+
+def _gz_mixture(tmp_path, tok, name):
+    srcs = {"b": TextPairDataModule(str(tmp_path / name))}
+    return connected(MixtureDataModule(srcs, seed=5, streaming=True), tok, n_negatives=1, require_teacher=True)
+
+
+def test_gzip_jsonl_streams_like_plain_jsonl_and_resumes_inside_the_file(tmp_path, tokenizer):
+    import gzip
+
+    records = pairs(30, negs=2, lang="de")
+    write_jsonl(tmp_path / "b.jsonl", records)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress((tmp_path / "b.jsonl").read_bytes()))
+    plain = run(_gz_mixture(tmp_path, tokenizer, "b.jsonl"), 10)  # 30 pairs / 8: several epochs of the file
+    full = run(_gz_mixture(tmp_path, tokenizer, "b.jsonl.gz"), 10)
+    for a, b in zip(plain, full, strict=True):
+        _same(a, b)
+    first = _gz_mixture(tmp_path, tokenizer, "b.jsonl.gz")
+    run(first, 2)  # 16 of 30 lines: the reader stops in the middle of the gzip stream
+    state = json.loads(json.dumps(first.state_dict()))
+    epoch, unit, line, byte, _ = state["stream"]["readers"]["0"]["positions"]["b"]
+    assert (epoch, unit, line) == (0, 0, 16) and 0 < byte < (tmp_path / "b.jsonl").stat().st_size  # inside the file
+    resumed = _gz_mixture(tmp_path, tokenizer, "b.jsonl.gz")
+    resumed.load_state_dict(state)
+    for a, b in zip(full[2:], run(resumed, 8), strict=True):
+        _same(a, b)

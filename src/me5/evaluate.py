@@ -161,14 +161,15 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (1 with the message on bad data or config, no traceback)."""
+    """Entry point; returns the exit status (2 with the message on bad data or config, no traceback, as
+    ``me5.train`` and ``me5.data.prepare``)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run(args)
     except Me5Error as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -186,6 +186,11 @@ class TextPairDataModule(L.LightningDataModule):
         """
         return record
 
+    def default_lang_for(self, file: str) -> str:
+        """The language of the records of ``file`` that carry none: :attr:`lang` (raw sources whose published
+        files are one language each read it from the file name; see ``RawPairSource.lang_of_file``)."""
+        return self.lang
+
     # ------------------------------------------------------------------ reading
     def _to_kept(self, record, file: str, line: int, counts: Counter, *, n_negatives: int = 0,
                  require_teacher: bool = False) -> PairExample | None:
@@ -200,7 +205,8 @@ class TextPairDataModule(L.LightningDataModule):
             counts["skipped/malformed"] += 1
             return None
         try:
-            ex = to_example(self.convert(record), source=self.name, default_lang=self.lang, file=file, line=line)
+            ex = to_example(self.convert(record), source=self.name, default_lang=self.default_lang_for(file),
+                            file=file, line=line)
         except SkipRecord as skip:
             counts[f"skipped/{skip.reason}"] += 1
             return None

@@ -407,8 +407,8 @@ class _SourceJob:
         try:
             if isinstance(rec, DataError):
                 raise rec
-            ex = to_example(self.source.convert(rec), source=self.name, default_lang=self.source.lang, file=file,
-                            line=line)
+            ex = to_example(self.source.convert(rec), source=self.name,
+                            default_lang=self.source.default_lang_for(file), file=file, line=line)
         except SkipRecord as skip:
             counts[f"skipped/{skip.reason}"] += 1
             return None

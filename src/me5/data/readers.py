@@ -1,5 +1,11 @@
 """Reading raw records from local jsonl/parquet files or a Hugging Face hub dataset.
 
+jsonl files may be gzip-compressed (``.jsonl.gz``/``.json.gz``, as mC4, CC News and the sentence-transformers
+exports ship): they are read as they are, without a decompression step. Their byte offsets count decompressed
+bytes, and resuming inside one decompresses up to the offset again (a gzip stream cannot be entered midway);
+counting its lines (source sizes for mixture weights, stride reading) decompresses it whole. For repeated
+runs over a large corpus, ``me5.data.prepare`` converts it once to parquet shards.
+
 Every record comes with where it came from (file and 1-based line or row), so a bad record is reported
 as ``file:line``. A missing file is an error; so is a malformed jsonl line, unless a caller asks for bad lines
 as values (``errors="yield"``: lenient sources and ``me5.data.prepare`` count and skip them).
@@ -14,7 +20,9 @@ unit: at a row of a row group, or at a byte offset (and line number) of a jsonl 
 from __future__ import annotations
 
 import glob
+import gzip
 import json
+import zlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +30,7 @@ from pathlib import Path
 
 from me5.errors import DataError
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 SHARDS_MANIFEST = "shards.json"
 SHARDS_FORMAT = "me5-shards/1"
 
@@ -33,6 +41,25 @@ class BadLine(DataError):
     def __init__(self, message: str, *, reason: str, file: str, line: int):
         super().__init__(message, file=file, line=line)
         self.reason = reason
+
+
+def data_suffix(path: str | os.PathLike) -> str:
+    """The data suffix of a file name (``.jsonl.gz`` for ``a.jsonl.gz``), else its last suffix (``.gz``, ``.tsv``)."""
+    name = Path(path).name.lower()
+    return next((s for s in sorted(LOCAL_SUFFIXES, key=len, reverse=True) if name.endswith(s)), Path(path).suffix)
+
+
+def is_gzip(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(".gz")
+
+
+def open_binary(path: str | os.PathLike):
+    """``path`` opened for binary reading; a ``.gz`` file is decompressed on the fly."""
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
+# what a truncated or corrupt gzip stream raises while it is read
+GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
 def resolve_files(path: str | os.PathLike, data_files: str | Sequence[str] | None = None) -> list[Path] | None:
@@ -57,7 +84,7 @@ def resolve_files(path: str | os.PathLike, data_files: str | Sequence[str] | Non
         if (p / SHARDS_MANIFEST).is_file():  # a me5.data.prepare folder: its parquet shards (not its json stats)
             files = sorted(p.glob("*.parquet"))
         else:
-            files = sorted(f for f in p.iterdir() if f.suffix in LOCAL_SUFFIXES)
+            files = sorted(f for f in p.iterdir() if f.is_file() and data_suffix(f) in LOCAL_SUFFIXES)
         if not files:
             raise DataError(f"folder has no {'/'.join(LOCAL_SUFFIXES)} files", file=str(p))
         return files
@@ -87,10 +114,11 @@ def iter_jsonl_at(
     if not path.is_file():
         raise DataError("no such file", file=str(path))
     pos, line_no = start_byte, start_line
-    with path.open("rb") as fh:
+    with open_binary(path) as fh:
+        lines = _gzip_checked(fh, path, lambda: line_no) if is_gzip(path) else fh
         if start_byte:
-            fh.seek(start_byte)
-        for raw in fh:
+            _seek(fh, start_byte, path)
+        for raw in lines:
             line_no += 1
             first = pos == 0
             pos += len(raw)
@@ -121,6 +149,26 @@ def iter_jsonl_at(
             yield line_no, pos, record
 
 
+def _seek(fh, offset: int, path: Path) -> None:
+    try:
+        fh.seek(offset)
+    except GZIP_ERRORS as err:
+        raise DataError(f"corrupt or truncated gzip stream before byte {offset} ({err})", file=str(path)) from err
+
+
+def _gzip_checked(fh, path: Path, line_no) -> Iterator[bytes]:
+    """The lines of a gzip file; a corrupt or truncated stream is a :class:`DataError` naming the last good line."""
+    it = iter(fh)
+    while True:
+        try:
+            raw = next(it)
+        except StopIteration:
+            return
+        except GZIP_ERRORS as err:
+            raise DataError(f"corrupt or truncated gzip stream after line {line_no()} ({err})", file=str(path)) from err
+        yield raw
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, record)``; blank lines are skipped; malformed JSON names file:line."""
     for line_no, _, record in iter_jsonl_at(path):
@@ -128,12 +176,15 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
 
 
 def count_lines(path: str | os.PathLike) -> int:
-    """Physical lines of a text file (a last line without newline counts), by counting bytes in C."""
+    """Physical lines of a text file, gzip-compressed or not (a last line without newline counts), counted in C."""
     n, last = 0, b"\n"
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            n += chunk.count(b"\n")
-            last = chunk[-1:]
+    with open_binary(path) as fh:
+        try:
+            while chunk := fh.read(1 << 22):
+                n += chunk.count(b"\n")
+                last = chunk[-1:]
+        except GZIP_ERRORS as err:
+            raise DataError(f"corrupt or truncated gzip stream after line {n} ({err})", file=str(path)) from err
     return n + (last != b"\n")
 
 

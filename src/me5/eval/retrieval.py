@@ -8,6 +8,8 @@ Layouts read by :func:`load_beir`:
   ``lang`` field.
 * MIRACL style: ``DIR/<lang>/`` folders of the above; each language is searched in its own corpus only.
 
+``corpus.jsonl.gz`` / ``queries.jsonl.gz`` are read in place of the plain files (gzip-compressed BEIR exports).
+
 The evaluator follows unilm's ``mteb_beir_eval.py`` for mE5: passages are ``(title + " " + text).strip()``,
 queries and passages get their ``query: `` / ``passage: `` prefixes, and scores are dot products of the
 (unit) embeddings, i.e. cosines.
@@ -61,9 +63,9 @@ def load_beir(data_dir: str | Path, *, split: str = "test") -> RetrievalData | d
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError("no such data folder", file=str(root))
-    if (root / "corpus.jsonl").exists():
+    if _beir_file(root, "corpus") is not None:
         return _load_one(root, split)
-    lang_dirs = sorted(p for p in root.iterdir() if p.is_dir() and (p / "corpus.jsonl").exists())
+    lang_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _beir_file(p, "corpus") is not None)
     if not lang_dirs:
         raise DataError(
             "not a BEIR folder: no corpus.jsonl in it nor in any per-language subfolder",
@@ -72,9 +74,14 @@ def load_beir(data_dir: str | Path, *, split: str = "test") -> RetrievalData | d
     return {p.name: _load_one(p, split, lang=p.name) for p in lang_dirs}
 
 
+def _beir_file(root: Path, stem: str) -> Path | None:
+    """``root/<stem>.jsonl``, else ``root/<stem>.jsonl.gz``, else ``None``."""
+    return next((f for f in (root / f"{stem}.jsonl", root / f"{stem}.jsonl.gz") if f.is_file()), None)
+
+
 def _load_one(root: Path, split: str, lang: str | None = None) -> RetrievalData:
-    corpus = _read_records(root / "corpus.jsonl", ("title", "text"), lang)
-    queries = _read_records(root / "queries.jsonl", ("text",), lang)
+    corpus = _read_records(_beir_file(root, "corpus") or root / "corpus.jsonl", ("title", "text"), lang)
+    queries = _read_records(_beir_file(root, "queries") or root / "queries.jsonl", ("text",), lang)
     qrels = _read_qrels(root, split)
 
     unknown_q = unknown_d = 0

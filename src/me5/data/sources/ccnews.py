@@ -13,13 +13,13 @@ class CCNewsPairs(RawPairSource):
     Raw origin: ``intfloat/multilingual_cc_news`` (linked from the mE5 model card). Its card lists the fields
     ``title``, ``maintext``, ``url``, ``date_publish``; it is a loading script (``languages=[...]`` builder
     argument) over the files ``<year>/<lang>.jsonl.gz`` of ``CloverSearch/cc-news-mutlilingual``, one file per
-    year and language. ``datasets>=4`` no longer runs loading scripts: download those files, decompress them,
-    and point ``path`` at them (``data_files`` to pick languages/years), one source per language or with a
-    record-level language.
+    year and language. ``datasets>=4`` no longer runs loading scripts: download those files and point ``path``
+    at the folder with ``data_files`` picking years/languages (``"*/*.jsonl.gz"``: all of them; the ``.gz`` files
+    are read as they are).
 
     Field mapping: (``title``, ``maintext``).
-    Language: the record's ``lang``/``language`` if it has one, else ``lang`` (set it per language file: the
-    language is in the file name, not in the record fields the card lists).
+    Language: the record's ``lang``/``language`` if it has one, else ``lang``, else the file name in the
+    published layout (``2019/de.jsonl.gz`` -> ``de``; the records the card lists carry no language).
     Prefixes: ``query: `` / ``passage: ``; instruction: :attr:`instruction`.
     Filters: empty title or body is skipped (``skipped/empty_title``, ``skipped/empty_maintext``); articles
     without a body are common in CC-News.
@@ -28,6 +28,7 @@ class CCNewsPairs(RawPairSource):
     source_name = "cc_news"
     default_path = "intfloat/multilingual_cc_news"
     default_lang = "und"
+    file_lang_pattern = r"(?:^|/)(?:19|20)\d\d/(?P<lang>[a-z]{2,3})\.jsonl(?:\.gz)?$"
     instruction = "Given a news headline, retrieve the news article"
 
     def pair(self, record: Mapping) -> Mapping:

@@ -29,7 +29,9 @@ class MC4Pairs(RawPairSource):
           (``.../news/new-bridge-opens.html`` -> ``new bridge opens``) is the title and the whole ``text`` the
           content; a URL without a wordy slug is skipped (``skipped/no_url_title``).
 
-    Language: the record's ``lang``/``language``, else ``lang``, else the config name (configs are languages).
+    Language: the record's ``lang``/``language``, else ``lang``, else the file name (``c4-de.tfrecord-00000-of-02048
+    .json.gz`` -> ``de``, so a local copy of the whole ``multilingual/`` folder is one source), else the config name
+    (configs are languages). The ``.json.gz`` files are read as they are.
     Prefixes: ``query: `` / ``passage: ``; instruction: :attr:`instruction`.
     """
 
@@ -38,6 +40,7 @@ class MC4Pairs(RawPairSource):
     default_hub_config = "en"
     configs_are_langs = True
     default_lang = "en"
+    file_lang_pattern = r"(?:^|/)c4-(?P<lang>[A-Za-z]{2,3}(?:-Latn)?)(?:-validation)?\.tfrecord-[^/]*$"
     instruction = "Given the title of a web page, retrieve the content of that page"
     max_title_chars = 200
 

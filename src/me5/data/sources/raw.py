@@ -13,12 +13,17 @@ Error policy (all sources):
 Language policy (all sources), first match wins:
     1. a language carried by the record (``lang`` or ``language``; see :meth:`RawPairSource.record_lang`);
     2. the ``lang`` constructor argument;
-    3. the language named by the hub config (:meth:`RawPairSource.lang_of_config`, e.g. ``20231101.de`` -> ``de``);
-    4. the class's ``default_lang``.
+    3. the language named by a local file's path in the source's published layout, for corpora that ship one
+       file or folder per language (:meth:`RawPairSource.lang_of_file`: mC4 ``c4-de.tfrecord-*.json.gz``, CC News
+       ``2019/de.jsonl.gz``, Wikipedia ``20231101.de/*.parquet``, xP3 ``de/merged_de.jsonl``), so one source can
+       read a whole multilingual folder;
+    4. the language named by the hub config (:meth:`RawPairSource.lang_of_config`, e.g. ``20231101.de`` -> ``de``);
+    5. the class's ``default_lang``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -82,13 +87,17 @@ class RawPairSource(TextPairDataModule):
 
     default_hub_config: str | None = None
     configs_are_langs: bool = False  # the hub's config names are language codes (mC4, xP3)
+    # a regex with a ``lang`` group, searched in a local file's "/"-separated path (see lang_of_file)
+    file_lang_pattern: str | None = None
 
     def __init__(self, path: str | None = None, *, hub_config: str | None = None, lang: str | None = None, **kwargs):
+        self.lang_given = lang is not None  # an explicit lang wins over the file names
         if path is None and hub_config is None:  # the default config goes with the default hub id only
             hub_config = self.default_hub_config
         if lang is None and hub_config is not None:
             lang = self.lang_of_config(hub_config)
         super().__init__(path, hub_config=hub_config, lang=lang, **kwargs)
+        self._file_langs: dict[str, str] = {}
 
     # ------------------------------------------------------------------ what a raw source overrides
     def pair(self, record: Mapping) -> Mapping:
@@ -101,6 +110,22 @@ class RawPairSource(TextPairDataModule):
     def lang_of_config(self, hub_config: str) -> str | None:
         """The language a hub config names: the config itself where ``configs_are_langs``, else ``None``."""
         return hub_config if self.configs_are_langs else None
+
+    def lang_of_file(self, file: str) -> str | None:
+        """The language a local file's path names in the source's published layout (``file_lang_pattern``), or
+        ``None`` (no pattern, no match, or a hub stream)."""
+        if self.file_lang_pattern is None or file.startswith("hub:"):
+            return None
+        m = re.search(self.file_lang_pattern, file.replace("\\", "/"))
+        return m["lang"] if m else None
+
+    def default_lang_for(self, file: str) -> str:
+        if self.lang_given:
+            return self.lang
+        lang = self._file_langs.get(file)
+        if lang is None:
+            lang = self._file_langs[file] = self.lang_of_file(file) or self.lang
+        return lang
 
     def record_lang(self, record: Mapping) -> str | None:
         for key in RECORD_LANG_FIELDS:

@@ -18,7 +18,7 @@ class SbertPairs(RawPairSource):
     """Misc. sentence-transformers training pairs (NLI, QA, duplicate questions, captions, ...).
 
     Raw origin: ``sentence-transformers/embedding-training-data`` (``*.jsonl.gz``, one example per line;
-    decompress and point ``path``/``data_files`` at the files). Verified line shapes (its card):
+    point ``path``/``data_files`` at the files; ``.jsonl.gz`` is read as it is). Verified line shapes (its card):
         - pair ``["text1", "text2"]`` and triplet ``["anchor", "positive", "negative"]`` (JSON arrays);
         - set ``{"set": ["text1", "text2", ...]}`` (paraphrases: any two form a pair);
         - query-pairs ``{"query": q, "pos": [...]}`` and query-triplets ``{"query": q, "pos": [...], "neg": [...]}``.

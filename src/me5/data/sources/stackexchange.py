@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
+from me5.data.readers import data_suffix
 from me5.data.sources.raw import RawPairSource, first_key, get_field, get_text
 
 # Stack Exchange sites whose content is in another language than English (site name -> language)
@@ -23,7 +25,8 @@ class StackExchangePairs(RawPairSource):
     Field mapping: (``title_body`` | ``title``, ``upvoted_answer``); ``downvoted_answer``, when present, is kept
     as a hard negative (unused in stage 1, which takes in-batch negatives only).
     Language: ``en``, except the non-English sites (``ru``, ``ja``, ``pt``, ``es``: Stack Overflow in those
-    languages) when named as the hub config; ``lang`` overrides.
+    languages) when named as the hub config or as a local file (``ru.jsonl.gz``, ``ru.stackoverflow.com.jsonl``);
+    ``lang`` overrides.
     Prefixes: ``query: `` / ``passage: ``; instruction: :attr:`instruction`.
     Filters: an empty question or answer is skipped (``skipped/empty_<field>``; an empty ``downvoted_answer`` is
     dropped). The export itself already dropped questions whose title or body is under 20 characters or whose
@@ -40,6 +43,13 @@ class StackExchangePairs(RawPairSource):
 
     def lang_of_config(self, hub_config: str) -> str | None:
         return SITE_LANGS.get(hub_config)
+
+    def lang_of_file(self, file: str) -> str | None:
+        if file.startswith("hub:"):
+            return None
+        name = Path(file).name
+        site = name[: len(name) - len(data_suffix(name))]
+        return SITE_LANGS.get(site.removesuffix(".stackoverflow.com"))
 
     def pair(self, record: Mapping) -> Mapping:
         question = get_text(record, first_key(record, self.question_fields))

@@ -12,8 +12,8 @@ unilm#1383). With the ``instruct`` prompt style (mE5-large-instruct) queries get
 instructions are E5-mistral's (arXiv 2401.00368, Table 13), also used by unilm ``e5/utils.py``.
 
 Hub ids and columns were checked against stored copies of the dataset cards and loading scripts; several repos
-ship ``*.jsonl.gz`` behind a loading script, which recent ``datasets`` versions no longer run: download the files,
-decompress them, and point ``path`` at the folder (the layout is the same).
+ship ``*.jsonl.gz`` behind a loading script, which recent ``datasets`` versions no longer run: download the files
+and point ``path`` at the folder (the layout is the same; ``.jsonl.gz`` is read as it is).
 """
 
 from __future__ import annotations

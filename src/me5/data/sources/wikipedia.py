@@ -28,7 +28,8 @@ class WikipediaPairs(RawPairSource):
         - article record (``wikimedia/wikipedia``): (``title``, the lead passage), where ``passage="lead"`` takes
           the first non-empty paragraph (line) of ``text`` and ``passage="text"`` the whole article.
 
-    Language: the record's ``lang``/``language``, else ``lang``, else the config's suffix (``20231101.de`` -> ``de``).
+    Language: the record's ``lang``/``language``, else ``lang``, else the config folder of a local file
+    (``20231101.de/train-00000-of-00021.parquet`` -> ``de``), else the config's suffix (``20231101.de`` -> ``de``).
     Prefixes: ``query: `` / ``passage: `` (asymmetric); instruction: :attr:`instruction`.
     Filters: an empty title or passage is skipped (``skipped/empty_title``, ``skipped/empty_text``).
     """
@@ -37,6 +38,7 @@ class WikipediaPairs(RawPairSource):
     default_path = "wikimedia/wikipedia"
     default_hub_config = "20231101.en"
     default_lang = "en"
+    file_lang_pattern = r"(?:^|/)\d{8}\.(?P<lang>[A-Za-z][A-Za-z0-9_-]*)/[^/]+$"
     instruction = "Given a Wikipedia section title, retrieve the passage of that section"
     section_fields = ("section_titles", "section_title", "section", "sections", "headings")
     section_sep = " > "

@@ -16,8 +16,9 @@ class XP3Pairs(RawPairSource):
     (``fra_Latn``...), which is used when present.
 
     Field mapping: (``inputs``, ``targets``).
-    Language: the record's ``language``/``lang``, else ``lang``, else the config name (configs are language
-    folders): set ``lang`` per folder when reading local files.
+    Language: the record's ``language``/``lang``, else ``lang``, else the language folder of a local file in the
+    published layout (``fr/merged_fr.jsonl`` -> ``fr``: folder and file must agree), else the config name (configs
+    are language folders).
     Prefixes: ``query: `` / ``passage: ``; instruction: :attr:`instruction`.
     Filters: empty prompt or response is skipped (``skipped/empty_inputs``, ``skipped/empty_targets``).
     """
@@ -26,6 +27,7 @@ class XP3Pairs(RawPairSource):
     default_path = "bigscience/xP3"
     configs_are_langs = True
     default_lang = "und"
+    file_lang_pattern = r"(?:^|/)(?P<lang>[A-Za-z][A-Za-z0-9_-]*)/merged_(?P=lang)\.jsonl(?:\.gz)?$"
     instruction = "Given an instruction or question, retrieve the response to it"
 
     def pair(self, record: Mapping) -> Mapping:
