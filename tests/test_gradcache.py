@@ -97,27 +97,6 @@ def _reference_step(
     return loss.detach()
 
 
-def _grads(*modules):
-    out = {}
-    for m_i, module in enumerate(modules):
-        for name, param in module.named_parameters():
-            out[f"{m_i}.{name}"] = param.grad.detach().clone() if param.grad is not None else None
-            param.grad = None
-    return out
-
-
-def _assert_grads_close(got, want, atol=1e-5):
-    assert got.keys() == want.keys()
-    assert sum(g is not None for g in want.values()) > 10
-    for name in want:
-        if want[name] is None:
-            assert got[name] is None or not got[name].any(), name
-        else:
-            torch.testing.assert_close(
-                got[name], want[name], rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
-            )
-
-
 CHUNKINGS = {
     "rows3": dict(chunk_rows=3),
     "tokens": dict(chunk_tokens=40),
@@ -137,17 +116,17 @@ def test_gradcache_matches_ordinary_backward_with_dropout(tokenizer, inputs, kin
 
     torch.manual_seed(SEED)
     loss, parts = gradcache_step(encoder, q, p, loss_fn, **kwargs)
-    cached = _grads(encoder, module)
+    cached = tiny.take_grads(encoder, module)
     assert not loss.requires_grad and all(not v.requires_grad for v in parts.values())
     if kind == "stage2":
         assert set(parts) == {"infonce", "kd"}
 
     torch.manual_seed(SEED)
     ref_loss = _reference_step(encoder, q, p, loss_fn, **kwargs)
-    reference = _grads(encoder, module)
+    reference = tiny.take_grads(encoder, module)
 
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    _assert_grads_close(cached, reference)
+    tiny.assert_grads_close(cached, reference)
     if kind == "infonce":
         # the learnable temperature's gradient comes from the loss's own backward
         assert reference["1.log_scale"].abs() > 0
@@ -159,13 +138,13 @@ def test_gradcache_single_chunk_equals_plain_full_batch_with_dropout(tokenizer, 
     module, loss_fn = _loss_fn("stage2", teacher)
     torch.manual_seed(SEED)
     gradcache_step(encoder, q, p, loss_fn)
-    cached = _grads(encoder, module)
+    cached = tiny.take_grads(encoder, module)
     torch.manual_seed(SEED)
     loss, _ = loss_fn(
         encoder(q["input_ids"], q["attention_mask"]), encoder(p["input_ids"], p["attention_mask"])
     )
     loss.backward()
-    _assert_grads_close(cached, _grads(encoder, module))
+    tiny.assert_grads_close(cached, tiny.take_grads(encoder, module))
 
 
 @pytest.mark.parametrize("chunking", ["rows3", "tokens", "tokens+sorted"])
@@ -175,9 +154,9 @@ def test_gradcache_equals_plain_full_batch_without_dropout(tokenizer, inputs, ch
     encoder = _encoder(tokenizer, dropout=0.0)
     module, loss_fn = _loss_fn("stage2", teacher)
     gradcache_step(encoder, q, p, loss_fn, **CHUNKINGS[chunking])
-    cached = _grads(encoder, module)
+    cached = tiny.take_grads(encoder, module)
     _reference_step(encoder, q, p, loss_fn, trim=False)  # one chunk per side, full padded length
-    _assert_grads_close(cached, _grads(encoder, module))
+    tiny.assert_grads_close(cached, tiny.take_grads(encoder, module))
 
 
 def test_without_rng_restore_the_gradients_differ(tokenizer, inputs, monkeypatch):
@@ -199,12 +178,12 @@ def test_without_rng_restore_the_gradients_differ(tokenizer, inputs, monkeypatch
     monkeypatch.setattr(gc, "RandContext", NoRestore)
     torch.manual_seed(SEED)
     gradcache_step(encoder, q, p, loss_fn, chunk_rows=3)
-    cached = _grads(encoder, module)
+    cached = tiny.take_grads(encoder, module)
     torch.manual_seed(SEED)
     _reference_step(encoder, q, p, loss_fn, chunk_rows=3)
-    reference = _grads(encoder, module)
+    reference = tiny.take_grads(encoder, module)
     with pytest.raises(AssertionError):
-        _assert_grads_close(cached, reference)
+        tiny.assert_grads_close(cached, reference)
 
 
 def test_backward_fn_is_called_once_per_chunk(tokenizer, inputs):
@@ -287,9 +266,9 @@ def test_split_to_count_and_equalized_gradcache(tokenizer, inputs):
                    backward_fn=backward_fn)
     n_plain = sum(len(plan_chunks(side["attention_mask"], chunk_tokens=60)[1]) for side in (q, p))
     assert len(calls) == n_plain + 4
-    cached = _grads(encoder, module)
+    cached = tiny.take_grads(encoder, module)
     _reference_step(encoder, q, p, loss_fn, trim=False)
-    _assert_grads_close(cached, _grads(encoder, module))
+    tiny.assert_grads_close(cached, tiny.take_grads(encoder, module))
 
 
 def test_rand_context_replays_dropout():

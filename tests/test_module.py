@@ -44,25 +44,6 @@ def make_batch(stage: str) -> dict:
     return tiny.batch_from_texts(queries, passages, group, teacher if stage == "finetune" else None)
 
 
-def take_grads(module) -> dict[str, torch.Tensor | None]:
-    out = {}
-    for name, p in module.named_parameters():
-        out[name] = None if p.grad is None else p.grad.detach().clone()
-        p.grad = None
-    return out
-
-
-def assert_grads_close(got, want, atol=1e-5):
-    assert got.keys() == want.keys()
-    assert sum(g is not None for g in want.values()) > 10
-    for name in want:
-        if want[name] is None:
-            assert got[name] is None or not got[name].any(), name
-        else:
-            assert got[name] is not None, name
-            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
-
-
 def reference_step(module, batch, *, chunk_rows=None, chunk_tokens=None, sort_by_length=False):
     """An ordinary backward through the module's loss path, with the same chunks embedded in the same order."""
     embs = []
@@ -100,16 +81,16 @@ def test_module_gradcache_equals_ordinary_backward_with_dropout(stage, chunking)
 
     torch.manual_seed(SEED)
     out = module.compute_loss_and_backward(batch)
-    cached = take_grads(module)
+    cached = tiny.take_grads(module)
     assert not out.loss.requires_grad and out.n_masked == 4  # two planted pairs: each copy is masked for the other's query
     assert set(out.parts) == ({"infonce"} if stage == "pretrain" else {"infonce", "kd"})
 
     torch.manual_seed(SEED)
     ref_loss, ref_masked = reference_step(module, batch, **kwargs)
-    reference = take_grads(module)
+    reference = tiny.take_grads(module)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert ref_masked == out.n_masked
-    assert_grads_close(cached, reference)
+    tiny.assert_grads_close(cached, reference)
     if stage == "pretrain":  # the learnable temperature gets its gradient from the loss's own backward
         assert reference["loss.terms.infonce.log_scale"].abs() > 0
 
@@ -127,7 +108,7 @@ def test_module_gradcache_equals_plain_step_without_dropout(stage, chunking):
     for k in ref.parts:
         torch.testing.assert_close(out.parts[k], ref.parts[k], rtol=1e-5, atol=1e-6)
     assert out.n_masked == ref.n_masked == 4
-    assert_grads_close(take_grads(cached_module), take_grads(plain_module))
+    tiny.assert_grads_close(tiny.take_grads(cached_module), tiny.take_grads(plain_module))
 
 
 # ---------------------------------------------------------------------------------------------- duplicates
@@ -261,11 +242,11 @@ def test_cuda_bf16_gradcache_with_dropout_matches_reference(stage):
     module.encoder.autocast = "bf16"
     torch.manual_seed(SEED)
     out = module.compute_loss_and_backward(batch)
-    cached = take_grads(module)
+    cached = tiny.take_grads(module)
     torch.manual_seed(SEED)
     ref_loss, _ = reference_step(module, batch, chunk_tokens=40, sort_by_length=True)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-3, atol=1e-3)
-    assert_grads_close(cached, take_grads(module), atol=1e-3)
+    tiny.assert_grads_close(cached, tiny.take_grads(module), atol=1e-3)
 
 
 @gpu
@@ -275,11 +256,11 @@ def test_cuda_compiled_encoder_gradcache_matches_reference_with_dropout():
     batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in make_batch("pretrain").items()}
     torch.manual_seed(SEED)
     out = module.compute_loss_and_backward(batch)
-    cached = take_grads(module)
+    cached = tiny.take_grads(module)
     torch.manual_seed(SEED)
     ref_loss, _ = reference_step(module, batch, chunk_rows=2)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-4, atol=1e-4)
-    assert_grads_close(cached, take_grads(module), atol=1e-4)
+    tiny.assert_grads_close(cached, tiny.take_grads(module), atol=1e-4)
 
 
 @gpu
@@ -297,9 +278,9 @@ def test_compiled_encoder_gradcache_matches_reference_with_dropout_on_cpu():
     batch = make_batch("pretrain")
     torch.manual_seed(SEED)
     out = module.compute_loss_and_backward(batch)
-    cached = take_grads(module)
+    cached = tiny.take_grads(module)
     torch.manual_seed(SEED)
     ref_loss, _ = reference_step(module, batch, chunk_rows=2)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
-    assert_grads_close(cached, take_grads(module))
+    tiny.assert_grads_close(cached, tiny.take_grads(module))
     assert set(module.encoder.state_dict()) == set(tiny.encoder().state_dict())  # in-place: same keys

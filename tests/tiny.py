@@ -113,3 +113,26 @@ def planted_duplicate_columns(passages: list[str], group: int, n_queries: int) -
         pos = i * group
         out[i] = {j for j, t in enumerate(passages) if t == passages[pos] and j != pos}
     return out
+
+
+def take_grads(*modules) -> dict[str, torch.Tensor | None]:
+    """The parameters' gradients of ``modules``, cloned, by name (``<module index>.<name>`` for several modules);
+    the gradients are cleared."""
+    out = {}
+    for i, module in enumerate(modules):
+        for name, p in module.named_parameters():
+            out[f"{i}.{name}" if len(modules) > 1 else name] = None if p.grad is None else p.grad.detach().clone()
+            p.grad = None
+    return out
+
+
+def assert_grads_close(got, want, atol=1e-5):
+    """Same parameters, same gradients (more than 10 of them non-empty); an absent gradient only matches zeros."""
+    assert got.keys() == want.keys()
+    assert sum(g is not None for g in want.values()) > 10
+    for name in want:
+        if want[name] is None:
+            assert got[name] is None or not got[name].any(), name
+        else:
+            assert got[name] is not None, name
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}")

@@ -154,6 +154,11 @@ class TextPairDataModule(L.LightningDataModule):
             self.instruction = instruction
         self.prompt_style = "e5"
         self.strict = strict
+        self._init_loading(seed=seed, num_workers=num_workers, streaming=streaming, size=size, word_cache=word_cache)
+
+    def _init_loading(self, *, seed: int, num_workers: int, streaming: bool | None, size: int | None,
+                      word_cache: int) -> None:
+        """The loading options shared with the mixture (which does not call ``__init__``), then the runtime state."""
         self.seed = seed
         self.num_workers = num_workers
         self.streaming = streaming

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from me5.data.base import TextPairDataModule, _check_word_cache
+from me5.data.base import TextPairDataModule
 from me5.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,7 @@ class MixtureDataModule(TextPairDataModule):
         self.lang_temperature_alpha = lang_temperature_alpha
         self.name = "mixture"
         self.homogeneous = homogeneous
-        self.seed = seed
-        self.num_workers = num_workers
-        self.streaming = streaming
-        self.size = None
-        self.word_cache = _check_word_cache(word_cache)
-        self._init_runtime()
+        self._init_loading(seed=seed, num_workers=num_workers, streaming=streaming, size=None, word_cache=word_cache)
 
     def sources(self) -> dict[str, TextPairDataModule]:
         return self._sources

@@ -22,8 +22,8 @@ from __future__ import annotations
 import glob
 import gzip
 import json
-import zlib
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,38 +115,40 @@ def iter_jsonl_at(
         raise DataError("no such file", file=str(path))
     pos, line_no = start_byte, start_line
     with open_binary(path) as fh:
-        lines = _gzip_checked(fh, path, lambda: line_no) if is_gzip(path) else fh
         if start_byte:
             _seek(fh, start_byte, path)
-        for raw in lines:
-            line_no += 1
-            first = pos == 0
-            pos += len(raw)
-            if select is not None and (line_no - 1) % select[0] != select[1]:
-                continue
-            if not raw.strip():
-                continue
-            err = None
-            try:
-                text = raw.decode("utf-8-sig" if first else "utf-8")
-            except UnicodeDecodeError as exc:
-                err = BadLine(f"not valid UTF-8 ({exc.reason})", reason="undecodable", file=str(path), line=line_no)
-            else:
+        try:
+            for raw in fh:
+                line_no += 1
+                first = pos == 0
+                pos += len(raw)
+                if select is not None and (line_no - 1) % select[0] != select[1]:
+                    continue
+                if not raw.strip():
+                    continue
+                err = None
                 try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    err = BadLine(f"malformed JSON ({exc.msg} at column {exc.colno})", reason="malformed_json",
-                                  file=str(path), line=line_no)
+                    text = raw.decode("utf-8-sig" if first else "utf-8")
+                except UnicodeDecodeError as exc:
+                    err = BadLine(f"not valid UTF-8 ({exc.reason})", reason="undecodable", file=str(path), line=line_no)
                 else:
-                    if not isinstance(record, dict) and not (allow_arrays and isinstance(record, list)):
-                        err = BadLine(f"expected a JSON object, got {type(record).__name__}", reason="malformed_json",
+                    try:
+                        record = json.loads(text)
+                    except json.JSONDecodeError as exc:
+                        err = BadLine(f"malformed JSON ({exc.msg} at column {exc.colno})", reason="malformed_json",
                                       file=str(path), line=line_no)
-            if err is not None:
-                if errors == "raise":
-                    raise err
-                yield line_no, pos, err
-                continue
-            yield line_no, pos, record
+                    else:
+                        if not isinstance(record, dict) and not (allow_arrays and isinstance(record, list)):
+                            err = BadLine(f"expected a JSON object, got {type(record).__name__}", reason="malformed_json",
+                                          file=str(path), line=line_no)
+                if err is not None:
+                    if errors == "raise":
+                        raise err
+                    yield line_no, pos, err
+                    continue
+                yield line_no, pos, record
+        except GZIP_ERRORS as err:  # only a .gz stream raises these
+            raise DataError(f"corrupt or truncated gzip stream after line {line_no} ({err})", file=str(path)) from err
 
 
 def _seek(fh, offset: int, path: Path) -> None:
@@ -154,19 +156,6 @@ def _seek(fh, offset: int, path: Path) -> None:
         fh.seek(offset)
     except GZIP_ERRORS as err:
         raise DataError(f"corrupt or truncated gzip stream before byte {offset} ({err})", file=str(path)) from err
-
-
-def _gzip_checked(fh, path: Path, line_no) -> Iterator[bytes]:
-    """The lines of a gzip file; a corrupt or truncated stream is a :class:`DataError` naming the last good line."""
-    it = iter(fh)
-    while True:
-        try:
-            raw = next(it)
-        except StopIteration:
-            return
-        except GZIP_ERRORS as err:
-            raise DataError(f"corrupt or truncated gzip stream after line {line_no()} ({err})", file=str(path)) from err
-        yield raw
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
