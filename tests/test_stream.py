@@ -444,3 +444,32 @@ def test_gzip_jsonl_streams_like_plain_jsonl_and_resumes_inside_the_file(tmp_pat
     resumed.load_state_dict(state)
     for a, b in zip(full[2:], run(resumed, 8), strict=True):
         _same(a, b)
+
+
+class _FreezeCount:
+    """A collator that reports how many objects its process has frozen out of the garbage collector."""
+
+    def __call__(self, items):
+        import gc
+
+        return {"frozen": torch.tensor(gc.get_freeze_count()), "n": len(items)}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_loader_workers_freeze_what_they_inherit_and_the_main_process_is_untouched(tmp_path, tokenizer, streaming):
+    import gc
+
+    write_jsonl(tmp_path / "r.jsonl", pairs(64))
+    dm = connected(MixtureDataModule({"r": TextPairDataModule(str(tmp_path / "r.jsonl"))}, streaming=streaming,
+                                     num_workers=1), tokenizer)
+    if streaming:
+        stream = dm.build_stream(_FreezeCount())
+    else:
+        from me5.data.stream import PairBatchStream
+
+        stream = PairBatchStream(dm.sources(), dm.weights(), collator=_FreezeCount(), global_batch_size=8, seed=0)
+    before = gc.get_freeze_count()
+    batch = next(iter(DataLoader(stream, batch_size=None, num_workers=1)))
+    assert batch["frozen"] > 10_000  # the worker froze the objects it inherited (torch and all: far more than 10k)
+    assert gc.get_freeze_count() == before  # not the process that trains
+    assert next(iter(stream))["frozen"] == before  # iterated in the main process (num_workers=0): nothing frozen
