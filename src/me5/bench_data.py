@@ -23,6 +23,7 @@ hyper-threaded vCPUs give fewer than W).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -386,13 +387,19 @@ def main(argv=None) -> int:
 
     # a fresh stream and collator each; "cold": the first batches; "warm": batches after --warm-pairs more pairs
     warm = max(1, args.warm_pairs // args.batch)
-    for cache, warmup, label in ((262_144, 1, "cold"), (262_144, warm, "warm"), (0, 1, "")):
+    # "+ gc frozen": gc.freeze() first, as a DataLoader worker does (me5.data.stream.freeze_gc_in_worker)
+    for cache, warmup, label, frozen in ((262_144, 1, "cold", False), (262_144, warm, "warm", False),
+                                         (262_144, warm, "warm", True), (0, 1, "", False)):
         dm = _dm(big, tok, num_workers=0, batch=args.batch, streaming=True)
         coll = PairCollator(tok, query_max_length=QUERY_MAX, passage_max_length=PASSAGE_MAX, word_cache=cache)
+        if frozen:
+            gc.freeze()
         pps, t_first = throughput(dm, args.batches, collator=coll, warmup=warmup)
+        if frozen:
+            gc.unfreeze()
         where = f"batches {warmup + 1}-{warmup + args.batches}"
         add(f"{args.pairs:,} parquet, streamed, tokenised+collated", 0, pps,
-            f"{where}; {label + ' ' if label else ''}{cache_note(coll)}")
+            f"{where}; {label + ' ' if label else ''}{cache_note(coll)}{'; gc frozen' if frozen else ''}")
     pps, _ = throughput(_dm(big, tok, num_workers=0, batch=args.batch, streaming=True), args.batches * 3,
                         collator=_NoCollate())
     add(f"{args.pairs:,} parquet, read+convert+format only", 0, pps)
