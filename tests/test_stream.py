@@ -473,3 +473,50 @@ def test_loader_workers_freeze_what_they_inherit_and_the_main_process_is_untouch
     assert batch["frozen"] > 10_000  # the worker froze the objects it inherited (torch and all: far more than 10k)
     assert gc.get_freeze_count() == before  # not the process that trains
     assert next(iter(stream))["frozen"] == before  # iterated in the main process (num_workers=0): nothing frozen
+
+
+def _c4_file(path, n, *, lang_field=None, gz=False):
+    import gzip
+
+    recs = [{"text": f"w{i}\nw{i} w{(i + 1) % 200}", "url": "https://example.org/a", "timestamp": "t",
+             **({"lang": lang_field} if lang_field else {})} for i in range(n)]
+    data = "".join(json.dumps(r) + "\n" for r in recs).encode()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def test_language_temperature_over_raw_files_named_by_language(tmp_path, tokenizer):
+    from me5.data.sources import MC4Pairs
+
+    raw = tmp_path / "multilingual"
+    raw.mkdir()
+    _c4_file(raw / "c4-de.tfrecord-00000-of-00001.json.gz", 450, gz=True)
+    _c4_file(raw / "c4-fr.tfrecord-00000-of-00001.json", 50)
+    dm = connected(MixtureDataModule({"mc4": MC4Pairs(path=str(raw))}, lang_temperature_alpha=0.0, seed=1,
+                                     streaming=True), tokenizer, global_batch_size=64)
+    assert dm.sources()["mc4"].lang_sizes() == {"de": 450, "fr": 50}
+    assert dm.lang_weights() == {"mc4": {"de": 1.0, "fr": 1.0}}
+    run(dm, 30)
+    langs = dm.realised_mixture()["mc4"]
+    assert set(langs) == {"de", "fr"} and abs(langs["fr"] / 1920 - 0.5) < 0.045  # uniform, not 10%
+
+
+def test_language_temperature_over_raw_files_checks_each_record(tmp_path, tokenizer):
+    from me5.data.sources import MC4Pairs
+
+    raw = tmp_path / "multilingual"
+    raw.mkdir()
+    _c4_file(raw / "c4-de.tfrecord-00000-of-00001.json", 40)
+    bad = _c4_file(raw / "c4-fr.tfrecord-00000-of-00001.json", 40, lang_field="it")  # records say otherwise
+    dm = connected(MixtureDataModule({"mc4": MC4Pairs(path=str(raw))}, lang_temperature_alpha=0.0, seed=1,
+                                     streaming=True), tokenizer, global_batch_size=16)
+    with pytest.raises(DataError, match="'it' is not 'fr'") as info:
+        run(dm, 20)
+    assert info.value.file == str(bad) and info.value.field == "lang"
+    # files whose names give no language: a clear error up front
+    other = tmp_path / "other"
+    other.mkdir()
+    _c4_file(other / "pages.jsonl", 10)
+    with pytest.raises(ConfigError, match="published name"):
+        connected(MixtureDataModule({"mc4": MC4Pairs(path=str(other))}, lang_temperature_alpha=0.0, streaming=True),
+                  tokenizer)

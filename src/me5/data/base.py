@@ -19,6 +19,7 @@ plus the realised mixture (pairs per source and language). Batches carry their b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
@@ -196,6 +197,13 @@ class TextPairDataModule(L.LightningDataModule):
         files are one language each read it from the file name; see ``RawPairSource.lang_of_file``)."""
         return self.lang
 
+    def file_lang(self, file: str) -> str | None:
+        """The one language of every record of local ``file`` when that is known without reading it, else
+        ``None``. Language temperature streams such files per language like single-language shards; a record
+        that then turns out to carry another language stops the run (``LeafReader``). The base class knows
+        none (its records usually carry their own ``lang``)."""
+        return None
+
     # ------------------------------------------------------------------ reading
     def _to_kept(self, record, file: str, line: int, counts: Counter, *, n_negatives: int = 0,
                  require_teacher: bool = False) -> PairExample | None:
@@ -316,12 +324,15 @@ class TextPairDataModule(L.LightningDataModule):
             raise DataError(f"source '{self.name}' has no records", file=str(self.path))
         if not by_lang:
             return [Leaf(key=self.name, source=self.name, units=units)]
+        units = [u if u.lang is not None else dataclasses.replace(u, lang=self.file_lang(u.file)) for u in units]
         unknown = [u for u in units if u.lang is None]
         if unknown:
+            where = f"row group {unknown[0].row_group}" if unknown[0].kind == "parquet" else "the file"
             raise ConfigError("data.lang_temperature_alpha",
-                              f"source '{self.name}': {unknown[0].file} (row group {unknown[0].row_group}) mixes "
-                              "languages; language temperature when streaming needs single-language row groups "
-                              "(me5.data.prepare writes them)")
+                              f"source '{self.name}': {unknown[0].file} ({where}) may mix languages; language "
+                              "temperature when streaming needs single-language units: row groups that "
+                              "me5.data.prepare --split-langs writes, or raw files whose published name gives the "
+                              "language (or a source with one lang)")
         langs = sorted({u.lang for u in units})
         return [Leaf(key=f"{self.name}/{lang}", source=self.name, lang=lang, units=[u for u in units if u.lang == lang])
                 for lang in langs]
@@ -346,7 +357,7 @@ class TextPairDataModule(L.LightningDataModule):
         if self.examples is not None:
             return dict(sorted(Counter(ex.lang for ex in self.examples).items()))
         leaves = self.leaves if self.leaves is not None and all(lf.lang for lf in self.leaves) else self.stream_leaves(by_lang=True)
-        return {lf.lang: sum(u.rows for u in lf.units) for lf in leaves}
+        return {lf.lang: sum(u.rows if u.rows is not None else count_lines(u.file) for u in lf.units) for lf in leaves}
 
     # ------------------------------------------------------------------ Lightning hooks
     def connect(

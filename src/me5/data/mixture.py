@@ -34,7 +34,8 @@ class MixtureDataModule(TextPairDataModule):
             size (``num_pairs``: its ``size``, loaded examples, or shard row counts).
         temperature_alpha: p(source) ∝ weight ** alpha (1: as given; < 1 flattens; 0: uniform).
         lang_temperature_alpha: when set, p(lang | source) ∝ pairs_in_lang ** alpha inside every source
-            (streaming needs single-language row groups, as ``me5.data.prepare`` writes them).
+            (streaming needs single-language units: row groups as ``me5.data.prepare --split-langs`` writes
+            them, or raw files whose published name gives the language; see ``file_lang``).
         homogeneous: draw one source per *global* batch instead of per example.
         streaming: stream every source (``None``: when any source would stream on its own).
     """

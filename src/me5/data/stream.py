@@ -313,6 +313,10 @@ class LeafReader:
                             raise DataError(f"source '{self.leaf.source}': {misses} records in a row were skipped "
                                             f"(counts: {dict(self.counts)})", file=where, line=line)
                         continue
+                    if self.leaf.lang is not None and ex.lang != self.leaf.lang:
+                        raise DataError(f"source '{self.leaf.source}': the record's language '{ex.lang}' is not "
+                                        f"'{self.leaf.lang}', the language of its unit that language temperature "
+                                        "streams it under", file=where, line=line, field="lang")
                     kept, misses = True, 0
                     yield ex
                 if stride > 1:

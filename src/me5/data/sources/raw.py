@@ -127,6 +127,10 @@ class RawPairSource(TextPairDataModule):
             lang = self._file_langs[file] = self.lang_of_file(file) or self.lang
         return lang
 
+    def file_lang(self, file: str) -> str | None:
+        """The lang given to the source, else the language the file's published name gives, else ``None``."""
+        return self.lang if self.lang_given else self.lang_of_file(file)
+
     def record_lang(self, record: Mapping) -> str | None:
         for key in RECORD_LANG_FIELDS:
             value = record.get(key)
