@@ -381,3 +381,16 @@ def test_truncated_gzip_is_an_error_naming_the_file(tmp_path):
     with pytest.raises(DataError, match="corrupt or truncated gzip") as info:
         MC4Pairs(path=str(f)).load_examples()
     assert info.value.file == str(f)
+
+
+def test_file_language_for_language_temperature():
+    # what streaming by language may assume of a whole local file (each record is still checked when read)
+    f = lambda src, name: src.file_lang(str(RAW / name))  # noqa: E731
+    assert f(MC4Pairs(path=str(RAW / "mc4")), "mc4/c4-ru.tfrecord-00000-of-01024.json") == "ru"
+    assert f(MC4Pairs(path=str(RAW / "mc4")), "mc4/pages.json") is None  # could be any language
+    assert f(MC4Pairs(path=str(RAW / "mc4"), lang="ru"), "mc4/pages.json") == "ru"  # given
+    assert f(NLLBPairs(path=str(RAW / "nllb")), "nllb/arb_Arab-eng_Latn.jsonl") == "arb_Arab-eng_Latn"
+    assert f(RedditPairs(path=str(RAW / "reddit")), "reddit/RC_2019-05.pairs.jsonl") == "en"  # English-only source
+    assert f(StackExchangePairs(path=str(RAW / "stackexchange")), "stackexchange/ru.jsonl") == "ru"
+    assert f(StackExchangePairs(path=str(RAW / "stackexchange")), "stackexchange/apple.jsonl") == "en"
+    assert f(XP3Pairs(path=str(RAW / "xp3")), "xp3/fr/merged_fr.jsonl") == "fr"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -499,6 +500,16 @@ def test_language_temperature_over_raw_files_named_by_language(tmp_path, tokeniz
     run(dm, 30)
     langs = dm.realised_mixture()["mc4"]
     assert set(langs) == {"de", "fr"} and abs(langs["fr"] / 1920 - 0.5) < 0.045  # uniform, not 10%
+    # beside a one-language source whose files carry no language (Reddit: English)
+    from me5.data.sources import RedditPairs
+
+    reddit = RedditPairs(path=str(Path(__file__).parent / "fixtures" / "raw" / "stage1" / "reddit"))
+    mixed = MixtureDataModule({"mc4": MC4Pairs(path=str(raw)), "reddit": reddit}, weights={"mc4": 1, "reddit": 1},
+                              lang_temperature_alpha=0.5, streaming=True)
+    mixed = connected(mixed, tokenizer, global_batch_size=16)
+    assert mixed.lang_weights()["reddit"] == {"en": pytest.approx(5**0.5)}  # 5 lines, alpha 0.5
+    run(mixed, 4)
+    assert set(mixed.realised_mixture()["reddit"]) == {"en"}
 
 
 def test_language_temperature_over_raw_files_checks_each_record(tmp_path, tokenizer):

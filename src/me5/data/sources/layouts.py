@@ -135,7 +135,10 @@ class SupervisedPairs(RawPairSource):
     (:class:`~me5.data.sources.raw.RawPairSource`), ``default_hub_config`` (used with the default hub id only) and
     the language policy (a record's ``lang``, then ``lang``, then the hub config's language, then ``default_lang``).
     A source whose dataset has a layout of its own overrides :meth:`pair` and defers to this one for the rest.
+    Most are one language (``default_lang``), so ``one_language_per_file``; the multilingual ones turn it off.
     """
+
+    one_language_per_file = True
 
     def pair(self, record: Mapping) -> Mapping:
         if "positive_passages" in record:

@@ -89,6 +89,9 @@ class RawPairSource(TextPairDataModule):
     configs_are_langs: bool = False  # the hub's config names are language codes (mC4, xP3)
     # a regex with a ``lang`` group, searched in a local file's "/"-separated path (see lang_of_file)
     file_lang_pattern: str | None = None
+    # the source is one language (English-only corpora) unless a file's name says otherwise: language
+    # temperature may stream each of its files as that language (every record is still checked)
+    one_language_per_file: bool = False
 
     def __init__(self, path: str | None = None, *, hub_config: str | None = None, lang: str | None = None, **kwargs):
         self.lang_given = lang is not None  # an explicit lang wins over the file names
@@ -128,8 +131,12 @@ class RawPairSource(TextPairDataModule):
         return lang
 
     def file_lang(self, file: str) -> str | None:
-        """The lang given to the source, else the language the file's published name gives, else ``None``."""
-        return self.lang if self.lang_given else self.lang_of_file(file)
+        """The lang given to the source, else the language the file's published name gives, else the source's
+        language for a one-language source, else ``None``."""
+        if self.lang_given:
+            return self.lang
+        lang = self.lang_of_file(file)
+        return self.lang if lang is None and self.one_language_per_file else lang
 
     def record_lang(self, record: Mapping) -> str | None:
         for key in RECORD_LANG_FIELDS:

@@ -36,6 +36,7 @@ class RedditPairs(RawPairSource):
     source_name = "reddit"
     default_path = None
     default_lang = "en"
+    one_language_per_file = True
     instruction = "Given a Reddit comment, retrieve a reply to it"
     comment_field = "comment"
     response_field = "response"

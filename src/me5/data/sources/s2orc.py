@@ -45,6 +45,7 @@ class S2ORCPairs(RawPairSource):
     source_name = "s2orc"
     default_path = "sentence-transformers/s2orc"
     default_lang = "en"
+    one_language_per_file = True
 
     def __init__(self, path: str | None = None, *, mode: str = "title-abstract", **kwargs):
         if mode not in MODES:

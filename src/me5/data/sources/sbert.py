@@ -39,6 +39,7 @@ class SbertPairs(RawPairSource):
     source_name = "sbert"
     default_path = "sentence-transformers/embedding-training-data"
     default_lang = "en"
+    one_language_per_file = True
     instruction = "Given a text, retrieve a text that is semantically related to it"
 
     def convert(self, record) -> Mapping:

@@ -219,6 +219,7 @@ class MrTyDi(SupervisedPairs):
     default_path = "castorini/mr-tydi"
     default_hub_config = "combined"
     default_lang = "mul"
+    one_language_per_file = False
     instruction = WIKI_QUESTION
 
     def lang_of_config(self, hub_config: str) -> str | None:
@@ -240,6 +241,7 @@ class MIRACL(SupervisedPairs):
     default_path = "miracl/miracl"
     default_lang = "und"
     configs_are_langs = True
+    one_language_per_file = False
     instruction = WIKI_QUESTION
 
 
