@@ -264,7 +264,10 @@ def save_st_folder(encoder, folder: Path) -> Path:
 
 def load_st_model(folder: Path, dim: int, device: torch.device, attn_implementation: str):
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Normalize, Pooling, Transformer
+    try:  # sentence-transformers >= 6 (the old path still works there, with a deprecation warning)
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # older releases
+        from sentence_transformers.models import Normalize, Pooling, Transformer
 
     transformer = Transformer(str(folder), model_kwargs={"attn_implementation": attn_implementation})
     return SentenceTransformer(modules=[transformer, Pooling(dim, "mean"), Normalize()], device=str(device))
