@@ -193,9 +193,9 @@ class TextPairDataModule(L.LightningDataModule):
         return record
 
     def default_lang_for(self, file: str) -> str:
-        """The language of the records of ``file`` that carry none: :attr:`lang` (raw sources whose published
-        files are one language each read it from the file name; see ``RawPairSource.lang_of_file``)."""
-        return self.lang
+        """The language of the records of ``file`` that carry none: :meth:`file_lang`, else :attr:`lang` (raw
+        sources whose published files are one language each read it from the file name)."""
+        return self.file_lang(file) or self.lang
 
     def file_lang(self, file: str) -> str | None:
         """The one language of every record of local ``file`` when that is known without reading it, else

@@ -46,7 +46,7 @@ class BadLine(DataError):
 def data_suffix(path: str | os.PathLike) -> str:
     """The data suffix of a file name (``.jsonl.gz`` for ``a.jsonl.gz``), else its last suffix (``.gz``, ``.tsv``)."""
     name = Path(path).name.lower()
-    return next((s for s in sorted(LOCAL_SUFFIXES, key=len, reverse=True) if name.endswith(s)), Path(path).suffix)
+    return next((s for s in LOCAL_SUFFIXES if name.endswith(s)), Path(path).suffix)  # no two overlap
 
 
 def is_gzip(path: str | os.PathLike) -> bool:

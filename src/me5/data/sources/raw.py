@@ -100,7 +100,7 @@ class RawPairSource(TextPairDataModule):
         if lang is None and hub_config is not None:
             lang = self.lang_of_config(hub_config)
         super().__init__(path, hub_config=hub_config, lang=lang, **kwargs)
-        self._file_langs: dict[str, str] = {}
+        self._file_langs: dict[str, str | None] = {}
 
     # ------------------------------------------------------------------ what a raw source overrides
     def pair(self, record: Mapping) -> Mapping:
@@ -122,21 +122,15 @@ class RawPairSource(TextPairDataModule):
         m = re.search(self.file_lang_pattern, file.replace("\\", "/"))
         return m["lang"] if m else None
 
-    def default_lang_for(self, file: str) -> str:
-        if self.lang_given:
-            return self.lang
-        lang = self._file_langs.get(file)
-        if lang is None:
-            lang = self._file_langs[file] = self.lang_of_file(file) or self.lang
-        return lang
-
     def file_lang(self, file: str) -> str | None:
         """The lang given to the source, else the language the file's published name gives, else the source's
-        language for a one-language source, else ``None``."""
+        language for a one-language source, else ``None`` (memoised per file: it is asked once per record)."""
         if self.lang_given:
             return self.lang
-        lang = self.lang_of_file(file)
-        return self.lang if lang is None and self.one_language_per_file else lang
+        if file not in self._file_langs:
+            lang = self.lang_of_file(file)
+            self._file_langs[file] = self.lang if lang is None and self.one_language_per_file else lang
+        return self._file_langs[file]
 
     def record_lang(self, record: Mapping) -> str | None:
         for key in RECORD_LANG_FIELDS:
