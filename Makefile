@@ -43,10 +43,10 @@ format: setup ## ruff format + fixes
 	$(VENV)/bin/ruff check --fix src tests && $(VENV)/bin/ruff format src tests
 
 bench: setup ## throughput of one stage-1 step (CPU: tiny grid, <1 min; on a GPU: small/base/large x 1k/4k/32k). ARGS="--out DIR --threads 1 ..."
-	$(PY) -m me5.bench $(ARGS)
+	$(PY) -m me5.app.bench $(ARGS)
 
 bench-data: setup ## data-loader throughput (pairs/s per core) on the sample and a generated 1M-pair sharded set
-	$(PY) -m me5.bench_data $(ARGS)
+	$(PY) -m me5.app.bench_data $(ARGS)
 
 sweep-example: setup ## a 3-run temperature sweep on the sample data (multirun, one W&B group)
 	$(PY) -m me5.train -m loss.temperature=0.01,0.02,0.05 $(ARGS)

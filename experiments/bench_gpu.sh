@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU throughput grid of `python -m me5.bench` in one command (about 5-8 minutes on one H200/H100):
+# The GPU throughput grid of `python -m me5.app.bench` in one command (about 5-8 minutes on one H200/H100):
 # models small/base/large (random init, real shapes) x global batch 1k/4k/32k x fixed/variable lengths,
 # methods: ours (GradCache, token-budget chunks sorted by length), naive (no caching; OOM is a row) and
 # sentence-transformers' CachedMultipleNegativesRankingLoss; bf16 autocast; then a torch.profiler table.
@@ -22,7 +22,7 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 
 "$PY" - <<'PY' | tee "$OUT/env.txt"
 import torch, transformers, sentence_transformers, lightning
-assert torch.cuda.is_available(), "no CUDA device: run `python -m me5.bench` (CPU grid) instead"
+assert torch.cuda.is_available(), "no CUDA device: run `python -m me5.app.bench` (CPU grid) instead"
 print("gpu", torch.cuda.get_device_name(0), "x", torch.cuda.device_count())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__,
       "sentence-transformers", sentence_transformers.__version__, "lightning", lightning.__version__)
@@ -30,5 +30,5 @@ PY
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
 # shellcheck disable=SC2086
-timeout "$TIMEOUT_S" "$PY" -m me5.bench --device cuda --out "$OUT" --profile ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+timeout "$TIMEOUT_S" "$PY" -m me5.app.bench --device cuda --out "$OUT" --profile ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 echo "table: $OUT/bench.md"

@@ -28,3 +28,39 @@ def group_options(group: str) -> list[str]:
 def to_plain(cfg: DictConfig) -> dict:
     with open_dict(cfg):
         return OmegaConf.to_container(cfg, resolve=True)
+
+
+# ---------------------------------------------------------------------------------------------- data
+SOURCE_KWARGS = {"name", "data_files", "hub_config", "split", "lang", "max_examples", "max_chars", "symmetric", "task",
+                 "instruction", "strict", "size"}
+
+
+def one_source(path_or_source, **kwargs):
+    """A :class:`~me5.data.PairDataModule` of one source: a :class:`~me5.data.Source` given, or one built from a
+    path with the Source keyword arguments among ``kwargs`` (the rest go to the DataModule)."""
+    from me5.data import PairDataModule, Source
+
+    src_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in SOURCE_KWARGS}
+    src = path_or_source if isinstance(path_or_source, Source) else Source(str(path_or_source), **src_kw)
+    return PairDataModule({src.name: src}, **kwargs)
+
+
+def connect(dm, tokenizer, *, global_batch_size: int = 8, world_size: int = 1, prompt_style: str = "e5", **kwargs):
+    """``dm.connect`` with a batch plan of ``global_batch_size`` over ``world_size`` devices; returns ``dm``."""
+    from me5.batching import BatchPlan
+    from me5.prompts import PromptPolicy
+
+    dm.connect(tokenizer, batch_plan=BatchPlan.build(global_batch_size=global_batch_size, world_size=world_size),
+               prompts=PromptPolicy(prompt_style), **kwargs)
+    return dm
+
+
+def format_item(source, ex, *, n_negatives: int = 0, rng=None, prompt_style: str = "e5"):
+    """One training item of ``source`` under a prompt style (what the DataModule's streams produce)."""
+    import numpy as np
+
+    from me5.data import ItemFormatter
+    from me5.prompts import PromptPolicy
+
+    fmt = ItemFormatter.for_source(source, PromptPolicy(prompt_style), n_negatives=n_negatives)
+    return fmt(ex, rng=rng if rng is not None else np.random.default_rng(0))

@@ -1,4 +1,4 @@
-"""CPU smoke test of the throughput benchmark (``python -m me5.bench``): tiny model, 2 batches, both length modes."""
+"""CPU smoke test of the throughput benchmark (``python -m me5.app.bench``): tiny model, 2 batches, both length modes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from me5 import bench
+from me5.app import bench
 
 
 def test_length_distribution_and_flops():

@@ -14,19 +14,22 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from me5.app.pipeline import batch_plans, build_loss, validate_config
 from me5.errors import ConfigError
-from me5.pipeline import build_loss, validate_config
 from tests.helpers import compose_cfg, group_options
 
 # arguments the app passes at run time, not in the config
 RUNTIME_KWARGS = {"encoder", "loss", "tokenizer", "evaluators", "save_dir", "run_name", "stage", "hparams",
-                  "max_steps", "logger", "callbacks", "default_root_dir", "val_check_interval", "limit_val_batches"}
+                  "max_steps", "logger", "callbacks", "default_root_dir", "val_check_interval", "limit_val_batches",
+                  "prompts", "chunk_rows", "chunk_tokens", "dirpath", "run_config", "meta"}
 
 
 def _check_targets(node, path="") -> int:
     """Resolve every _target_ and bind its kwargs; returns how many targets were checked."""
+    if OmegaConf.is_config(node):  # plain containers: fields left ??? (bound at run time) stay strings
+        node = OmegaConf.to_container(node, resolve=False, throw_on_missing=False)
     n = 0
-    if OmegaConf.is_dict(node):
+    if isinstance(node, dict):
         if "_target_" in node:
             fn = _locate(node["_target_"])
             kwargs = {k: v for k, v in node.items() if not str(k).startswith("_")}
@@ -38,24 +41,32 @@ def _check_targets(node, path="") -> int:
             n += 1
         for k, v in node.items():
             n += _check_targets(v, f"{path}.{k}")
-    elif OmegaConf.is_list(node):
+    elif isinstance(node, list):
         for i, v in enumerate(node):
             n += _check_targets(v, f"{path}[{i}]")
     return n
 
 
-@pytest.mark.parametrize("group", ["model", "data", "trainer", "logger", "eval", "experiment"])
+@pytest.mark.parametrize("group", ["model", "data", "trainer", "logger", "eval", "prompts", "callbacks", "experiment"])
 def test_every_option_composes_and_targets_resolve(group, tmp_path):
     for option in group_options(group):
         cfg = compose_cfg([f"{group}={option}"], tmp_path=tmp_path)
         OmegaConf.resolve(cfg) if group != "experiment" else None
         assert _check_targets(cfg) > 5, f"{group}={option}"
+        if option == "files":  # the user's paths are mandatory: validation names them
+            with pytest.raises(ConfigError, match=r"data\.pretrain\.path"):
+                validate_config(cfg)
+            cfg = compose_cfg([f"{group}={option}", "data.pretrain.path=/x.jsonl", "data.finetune.path=/y.jsonl"],
+                              tmp_path=tmp_path)
         validate_config(cfg)
 
 
 @pytest.mark.parametrize("option", group_options("data"))
 def test_data_mixtures_instantiate(option, tmp_path):
-    cfg = compose_cfg([f"data={option}"], tmp_path=tmp_path)
+    (tmp_path / "x.jsonl").write_text('{"query": "q", "positive": "p"}\n')
+    cfg = compose_cfg([f"data={option}", f"data.pretrain.path={tmp_path / 'x.jsonl'}",
+                       f"data.finetune.path={tmp_path / 'x.jsonl'}"] if option == "files" else [f"data={option}"],
+                      tmp_path=tmp_path)
     for stage in ("pretrain", "finetune"):
         dm = instantiate(cfg.data[stage])
         weights = dm.weights()
@@ -77,19 +88,25 @@ def test_paper_mixture_weights_are_tables_1_and_2(tmp_path):
     assert len(targets) >= 22
 
 
-@pytest.mark.parametrize("option", ["tiny", "small", "base", "large", "large_instruct"])
+@pytest.mark.parametrize("option", ["tiny", "small", "base", "large"])
 def test_model_paper_hyperparameters(option, tmp_path):
     cfg = compose_cfg([f"model={option}"], tmp_path=tmp_path)
-    expected = {"small": (3e-4, 3e-5), "base": (2e-4, 2e-5), "large": (1e-4, 1e-5), "large_instruct": (1e-4, 1e-5)}
+    expected = {"small": (3e-4, 3e-5), "base": (2e-4, 2e-5), "large": (1e-4, 1e-5)}
     if option in expected:
         assert (cfg.model.pretrain.lr, cfg.model.finetune.lr) == expected[option]
         assert cfg.model.pretrain.global_batch_size == 32768 and cfg.model.finetune.global_batch_size == 512
         assert cfg.stages.pretrain.module.optimizer.lr == expected[option][0]
     backbone = {"small": "microsoft/Multilingual-MiniLM-L12-H384", "base": "FacebookAI/xlm-roberta-base",
-                "large": "FacebookAI/xlm-roberta-large", "large_instruct": "FacebookAI/xlm-roberta-large"}
+                "large": "FacebookAI/xlm-roberta-large"}
     if option in backbone:
         assert cfg.model.encoder.name_or_path == backbone[option]
-    assert cfg.model.prompt_style == ("instruct" if option == "large_instruct" else "e5")
+    assert cfg.prompts.style == "e5"
+
+
+def test_instruct_experiment_is_large_with_the_instruct_policy(tmp_path):
+    cfg = compose_cfg(["experiment=me5_large_instruct"], tmp_path=tmp_path)
+    assert cfg.prompts.style == "instruct" and cfg.model.name == "large" and list(cfg.stages) == ["finetune"]
+    assert (cfg.stages.finetune.lr, cfg.stages.finetune.global_batch_size) == (1e-5, 512)  # "same as mE5-large"
 
 
 def test_cpu_trainer_and_logger_instantiate(tmp_path):
@@ -134,7 +151,13 @@ def test_unknown_override_and_model_fail_with_the_name(tmp_path):
     [
         (["stages.pretrain.per_device_batch_size=128"], "stages.pretrain.per_device_batch_size"),
         (["stages.pretrain.per_device_batch_size=48"], "stages.pretrain.per_device_batch_size"),
-        (["stages.pretrain.module.chunk_rows=8", "stages.pretrain.module.chunk_tokens=512"], "chunk_tokens"),
+        (["stages.pretrain.chunk_rows=8", "stages.pretrain.chunk_tokens=512"], "stages.pretrain.chunk_tokens"),
+        (["stages.pretrain.chunk_rows=65"], "stages.pretrain.chunk_rows"),
+        (["stages.pretrain.warmup_steps=301"], "stages.pretrain.warmup_steps"),
+        (["stages.finetune.max_steps=5"], "stages.finetune.warmup_steps"),
+        (["stages.pretrain.lr=0"], "stages.pretrain.lr"),
+        (["+stages.pretrain.module.scheduler.total_steps=10"], "stages.pretrain.module.scheduler.total_steps"),
+        (["prompts.style=e6"], "prompts.style"),
         (["loss.temperature=0"], "loss.temperature"),
         (["+loss.terms.infonce.weight.stage3=1.0"], "loss.terms.infonce.weight.stage3"),
         (["loss.terms.infonce.weight.pretrain=0"], "weight.pretrain"),
@@ -149,12 +172,18 @@ def test_contradictory_overrides_name_the_field(overrides, field, tmp_path):
 
 def test_batch_must_divide_world_size(tmp_path):
     cfg = compose_cfg([], tmp_path=tmp_path)
-    validate_config(cfg, world_size=2)
-    with pytest.raises(ConfigError, match="global_batch_size"):
-        validate_config(cfg, world_size=3)
+    plans = batch_plans(cfg, ["pretrain", "finetune"], 2)
+    assert (plans["pretrain"].per_device_batch_size, plans["pretrain"].rank_slice(1)) == (32, slice(32, 64))
+    with pytest.raises(ConfigError, match=r"stages\.pretrain\.global_batch_size"):
+        batch_plans(cfg, ["pretrain"], 3)
     cfg = compose_cfg(["stages.pretrain.per_device_batch_size=32"], tmp_path=tmp_path)
-    with pytest.raises(ConfigError, match="per_device_batch_size"):
-        validate_config(cfg, world_size=4)
+    assert batch_plans(cfg, ["pretrain"], 2)["pretrain"].per_device_batch_size == 32
+    with pytest.raises(ConfigError, match=r"stages\.pretrain\.per_device_batch_size"):
+        batch_plans(cfg, ["pretrain"], 4)
+    cfg = compose_cfg(["stages.pretrain.chunk_rows=32"], tmp_path=tmp_path)
+    assert batch_plans(cfg, ["pretrain"], 2)["pretrain"].chunk_rows == 32
+    with pytest.raises(ConfigError, match=r"stages\.pretrain\.chunk_rows"):  # 32 > 64 / 4 devices
+        batch_plans(cfg, ["pretrain"], 4)
 
 
 def test_launchers_compose(tmp_path):

@@ -22,8 +22,8 @@ import pandas as pd
 import pytest
 import torch
 
+from me5.app.train import run
 from me5.errors import DataError
-from me5.train import run
 from tests.helpers import ROOT, compose_cfg
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_losses.json"
@@ -35,6 +35,12 @@ SHORT = [
     "model.pretrain.global_batch_size=16",
     "model.finetune.max_steps=4",
     "model.finetune.global_batch_size=8",
+    # warm-up may not outlast a stage: the golden run's LRs (2e-3 * (step+1)/30 and 2e-3 * (step+1)/10, warm-up
+    # never ending inside the 6 / 4 steps) written as a warm-up as long as the stage at a peak LR scaled to match
+    "model.pretrain.warmup_steps=6",
+    "model.pretrain.lr=4e-4",
+    "model.finetune.warmup_steps=4",
+    "model.finetune.lr=8e-4",
 ]
 
 
@@ -93,6 +99,7 @@ def test_golden_losses_and_outputs(tmp_path, data_dir):
 def test_training_beats_the_untrained_baseline(tmp_path, data_dir):
     torch.set_num_threads(2)
     results = run(cfg_for(tmp_path, data_dir, ["stage=[pretrain]", "model.pretrain.max_steps=150",
+                                               "model.pretrain.warmup_steps=30", "model.pretrain.lr=2e-3",
                                                "model.pretrain.global_batch_size=64", "trainer.log_every_n_steps=50"]))
     before, after = results["untrained"]["sample/ndcg@10"], results["pretrain"]["sample/ndcg@10"]
     assert after > before + 0.15, (before, after)  # measured: 0.33 -> 0.53
@@ -167,3 +174,153 @@ def test_notebook_is_stripped_and_holds_no_logic():
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
     assert all("def " not in "".join(c["source"]) for c in code)
+
+
+# ---------------------------------------------------------------------------------------------- checks first
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        # the stage-2 data is missing: found before stage 1 runs, not after it
+        (["data.finetune.sources.sample.file=nope.jsonl"], "nope.jsonl"),
+        # 3 devices do not divide the global batch of 16: found before any data or model exists
+        (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3", "trainer.precision=32-true"],
+         "stages.pretrain.global_batch_size"),
+        (["stages.pretrain.warmup_steps=7"], "stages.pretrain.warmup_steps"),
+        (["eval=miracl"], "miracl"),
+        (["stages.finetune.init_from=/no/such/run/export/pretrain"], "stages.finetune.init_from"),
+        (["data=files", "data.pretrain.path=/no/such/pairs.jsonl"], "data.finetune.path"),
+    ],
+    ids=["stage2_data", "world_size", "warmup", "eval_data", "init_from", "own_data"],
+)
+def test_every_check_comes_before_any_heavy_work(tmp_path, overrides, named):
+    """A failed check names the field or file before anything is made: no sample data generated, no tokenizer
+    trained, no evaluation, no run folder (hence no checkpoint, no W&B run)."""
+    from me5.errors import Me5Error
+
+    fresh = tmp_path / "data"  # no sample data yet: generating it would be the first heavy step
+    cfg = compose_cfg([f"paths.data_dir={fresh}", *SHORT, *overrides], tmp_path=tmp_path)
+    with pytest.raises(Me5Error, match=named.replace(".", r"\.")):
+        run(cfg)
+    assert not fresh.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_failed_check_leaves_only_hydras_files(tmp_path):
+    """Through the CLI: exit status 2, the field named, and the run folder holds Hydra's config and log only."""
+    fresh, run_dir = tmp_path / "data", tmp_path / "r"
+    r = _cli([f"paths.data_dir={fresh}", "hydra.run.dir=" + str(run_dir), *SHORT, "logger=wandb",
+              "data.finetune.sources.sample.file=nope.jsonl"], env_extra={"WANDB_MODE": "offline"})
+    assert r.returncode == 2 and "nope.jsonl" in r.stderr and "Traceback" not in r.stderr
+    assert not fresh.exists()
+    left = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    assert left == {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log"}
+
+
+# ---------------------------------------------------------------------------------------------- the schedule
+def test_the_schedule_follows_the_stage_steps(tmp_path, data_dir):
+    """Overriding stages.pretrain.max_steps moves the schedule: the LR decays to 0 at the stage's last step
+    (it used to span model.pretrain.max_steps = 300 whatever the stage ran)."""
+    from me5.training.schedules import warmup_decay
+
+    run(cfg_for(tmp_path, data_dir, ["stage=[pretrain]", "eval=none", "eval_baseline=false",
+                                     "stages.pretrain.max_steps=8", "stages.pretrain.warmup_steps=2",
+                                     "stages.pretrain.lr=1e-3"]))
+    df = pd.read_csv(tmp_path / "run" / "csv" / "pretrain" / "metrics.csv")
+    lrs = df["train/lr"].dropna().tolist()  # logged after each step's scheduler step: the next step's LR
+    ref = warmup_decay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3), total_steps=8, warmup_steps=2)
+    expected = []
+    for _ in range(8):
+        ref.optimizer.step()
+        ref.step()
+        expected.append(ref.get_last_lr()[0])
+    assert lrs == pytest.approx(expected, rel=1e-6, abs=1e-12) and lrs[-1] == 0.0  # logged as float32
+
+
+# ---------------------------------------------------------------------------------------------- instruct
+def test_instruct_experiment_trains_evaluates_and_exports_with_the_instruct_policy(tmp_path, data_dir, monkeypatch):
+    """``experiment=me5_large_instruct`` on the tiny model: training items, the evaluation and the export all
+    carry ``Instruct: {task}\\nQuery: `` on queries and nothing on documents."""
+    from sentence_transformers import SentenceTransformer
+
+    from me5.data.collate import PairCollator
+    from me5.eval.retrieval import RetrievalEvaluator, load_beir
+    from me5.models.encoder import Encoder
+    from me5.prompts import TASKS, PromptPolicy
+
+    seen = []
+    original = PairCollator.__call__
+
+    def spy(self, items):
+        seen.extend(items)
+        return original(self, items)
+
+    monkeypatch.setattr(PairCollator, "__call__", spy)
+    cfg = cfg_for(tmp_path, data_dir, ["experiment=me5_large_instruct", "model=tiny", "data=sample", "eval=sample",
+                                       "trainer=cpu", "logger=csv", "eval_baseline=false", "checkpoint_every=500"])
+    assert cfg.prompts.style == "instruct" and list(cfg.stages) == ["finetune"]
+    results = run(cfg)
+    template = f"Instruct: {TASKS['generic']}\nQuery: "  # the sample source's task
+    assert seen and all(it["query"].startswith(template) for it in seen)
+    assert not any(p.startswith(("passage: ", "query: ", "Instruct:")) for it in seen for p in it["passages"])
+    export = tmp_path / "run" / "export" / "finetune"
+    st_cfg = json.loads((export / "config_sentence_transformers.json").read_text())
+    assert st_cfg["prompts"]["query"].startswith("Instruct: ") and st_cfg["prompts"]["document"] == ""
+    assert json.loads((export / "me5.json").read_text())["prompts"] == {"style": "instruct"}
+    assert json.loads((export / "sentence_bert_config.json").read_text())["max_seq_length"] == 128  # the model's own
+    # the run's evaluation is the instruct one: recomputed from the export, it matches; the E5 one does not
+    from me5.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(export))
+    enc = Encoder.from_pretrained(str(export), tokenizer=tok)
+    data = load_beir(data_dir / "sample" / "eval", split="test")
+    common = {"name": "sample", "task": "generic", "query_max_length": 64, "passage_max_length": 128}
+    inst = RetrievalEvaluator(data, prompts=PromptPolicy("instruct"), **common).evaluate(enc, tok)
+    e5 = RetrievalEvaluator(data, prompts=PromptPolicy("e5"), **common).evaluate(enc, tok)
+    assert inst["sample/ndcg@10"] == pytest.approx(results["finetune"]["sample/ndcg@10"], abs=1e-6)
+    assert e5["sample/ndcg@10"] != pytest.approx(results["finetune"]["sample/ndcg@10"], abs=1e-6)
+    SentenceTransformer(str(export), device="cpu")  # loads with its prompts
+
+
+# ---------------------------------------------------------------------------------------------- own data
+def _own_files(folder: Path, sample: Path, n_pre: int, n_fin: int) -> tuple[Path, Path]:
+    """A user's folder: jsonl weak pairs and parquet labelled examples in the normalised schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    pre = (sample / "pretrain.jsonl").read_text(encoding="utf-8").splitlines()[:n_pre]
+    (folder / "pairs.jsonl").write_text("\n".join(pre) + "\n", encoding="utf-8")
+    fin = [json.loads(x) for x in (sample / "finetune.jsonl").read_text(encoding="utf-8").splitlines()[:n_fin]]
+    keep = ("query", "positive", "negatives", "teacher_scores", "lang")
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in keep} for r in fin]), folder / "labelled.parquet")
+    return folder / "pairs.jsonl", folder / "labelled.parquet"
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_own_data_in_one_line_and_nothing_written_there(tmp_path, data_dir):
+    pre, fin = _own_files(tmp_path / "mine", data_dir / "sample", 300, 64)
+    before = _snapshot(tmp_path / "mine")
+    results = run(cfg_for(tmp_path, data_dir, ["data=files", f"data.pretrain.path={pre}", f"data.finetune.path={fin}"]))
+    assert set(results) == {"untrained", "pretrain", "finetune"}
+    counts = json.loads((tmp_path / "run" / "metrics.json").read_text())["data_counts"]
+    assert counts["pretrain"]["files/kept"] == 300 and counts["finetune"]["files/kept"] == 64
+    assert _snapshot(tmp_path / "mine") == before
+
+
+def test_own_data_smaller_than_a_batch_is_an_error(tmp_path, data_dir):
+    pre, _ = _own_files(tmp_path / "mine", data_dir / "sample", 10, 1)
+    cfg = cfg_for(tmp_path, data_dir, ["data=files", f"data.pretrain.path={pre}", "stage=[pretrain]",
+                                       "eval_baseline=false"])
+    with pytest.raises(DataError, match="10 usable pairs.*one global batch of 16"):
+        run(cfg)
+
+
+def test_the_sample_source_never_writes_into_a_data_folder(tmp_path, data_dir):
+    pre, _ = _own_files(tmp_path / "mine", data_dir / "sample", 20, 1)
+    before = _snapshot(tmp_path / "mine")
+    cfg = cfg_for(tmp_path, data_dir, [f"data.pretrain.sources.sample.root={tmp_path / 'mine'}"])
+    with pytest.raises(DataError, match="not a folder of generated sample data"):
+        run(cfg)
+    assert _snapshot(tmp_path / "mine") == before

@@ -1,5 +1,6 @@
-"""``me5.data.prepare``: shards + stats, eval-set exact-match removal, the consistency filter, resume after an
-interruption, bad records counted per reason or named by file:line in strict mode."""
+"""``me5.prepare`` (``me5.data.shards``, ``me5.data.decontaminate``, ``me5.embed.consistency``): shards + stats,
+eval-set exact-match removal, the consistency filter, resume after an interruption, bad records counted per
+reason (the training loader's reasons) or named by file:line in strict mode."""
 
 from __future__ import annotations
 
@@ -9,24 +10,44 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from me5.data import MixtureDataModule, TextPairDataModule
-from me5.data.prepare import (
-    ConsistencyFilter,
-    LanguageCheck,
-    PrepareOptions,
-    dominant_script,
-    format_stats,
-    main,
-    prepare,
-)
+from me5.app.prepare import main
+from me5.data.decontaminate import LanguageCheck, dominant_script
 from me5.data.schema import PairExample
+from me5.data.shards import PrepareOptions, format_stats, prepare
+from me5.data.source import Source
+from me5.embed.consistency import ConsistencyFilter
 from me5.errors import DataError
-from tests.test_data import pairs, wordlevel_tokenizer, write_jsonl
+
+
+def wordlevel_tokenizer():
+    """A word-level tokenizer with XLM-R's special tokens and template (``<s> ... </s>``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(200)] + ["query:", "passage:", "кошка", "猫", "قطة", "बिल्ली"]
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
+                                   model_max_length=64)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return wordlevel_tokenizer()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def pairs(n, *, prefix="w", lang="en"):
+    return [{"query": f"{prefix}{i % 200}", "positive": f"{prefix}{(i + 1) % 200} {prefix}{(i + 2) % 200}", "lang": lang}
+            for i in range(n)]
 
 OPTS = dict(progress=False, shard_rows=40, row_group_rows=16)
 
@@ -45,7 +66,7 @@ def multilingual(n):
 @pytest.mark.parametrize("split_langs", [False, True])
 def test_shards_stats_and_manifest_are_written_and_stream(tmp_path, tokenizer, split_langs):
     raw = write_jsonl(tmp_path / "raw.jsonl", multilingual(50))
-    stats = prepare({"src": TextPairDataModule(str(raw))}, tmp_path / "out",
+    stats = prepare({"src": Source(str(raw))}, tmp_path / "out",
                     PrepareOptions(split_langs=split_langs, **OPTS))
     assert stats["src"]["counts"] == {"read": 100, "kept": 100}
     assert stats["src"]["langs"] == {"de": {"kept": 50}, "en": {"kept": 50}}
@@ -66,10 +87,13 @@ def test_shards_stats_and_manifest_are_written_and_stream(tmp_path, tokenizer, s
     assert "src" in table and "de" in table and "kept" in table
     # the training side streams the prepared folder automatically; single-language row groups allow
     # language temperature (each language its own stream)
-    dm = MixtureDataModule({"src": TextPairDataModule(str(out))}, lang_temperature_alpha=0.5 if split_langs else None)
-    dm.connect(tokenizer, global_batch_size=10)
-    dm.setup()
-    leaves = sorted(lf.key for lf in dm.sources()["src"].leaves)
+    from me5.data import PairDataModule
+    from tests.helpers import connect
+
+    dm = PairDataModule({"src": Source(str(out))}, lang_temperature_alpha=0.5 if split_langs else None)
+    connect(dm, tokenizer, global_batch_size=10)
+    dm.setup("fit")
+    leaves = sorted(lf.key for lf in dm.leaves["src"])
     assert dm.is_streaming() and leaves == (["src/de", "src/en"] if split_langs else ["src"])
     it = iter(dm.train_dataloader())
     assert [lang for _ in range(10) for lang in next(it)["lang"]].count("de") > 20
@@ -83,7 +107,7 @@ def test_eval_sets_exact_match_removal(tmp_path):
     beir.mkdir(parents=True)
     write_jsonl(beir / "queries.jsonl", [{"_id": "q1", "text": "w1 w2"}])
     write_jsonl(beir / "corpus.jsonl", [{"_id": "d1", "title": "w6", "text": "w7"}, {"_id": "d2", "title": "", "text": "w11"}])
-    stats = prepare({"s": TextPairDataModule(str(raw))}, tmp_path / "out",
+    stats = prepare({"s": Source(str(raw))}, tmp_path / "out",
                     PrepareOptions(eval_sets=[str(tmp_path / "beir")], **OPTS))
     # query "w1 w2" (a query), positive "w6  w7" (title + text, whitespace-normalised), positive "w11"
     assert stats["s"]["counts"] == {"read": 4, "kept": 1, "skipped/eval_overlap": 3}
@@ -106,7 +130,7 @@ def test_consistency_filter_keeps_top_k_and_drops_the_rest(tmp_path):
     consistent = [{"query": f"t{k} question {i}", "positive": f"t{k} answer {i}"} for k in range(4) for i in range(5)]
     noisy = [{"query": f"t{k} question x", "positive": f"t{(k + 1) % 4} unrelated"} for k in range(4)]
     raw = write_jsonl(tmp_path / "raw.jsonl", consistent + noisy)
-    stats = prepare({"s": TextPairDataModule(str(raw))}, tmp_path / "out",
+    stats = prepare({"s": Source(str(raw))}, tmp_path / "out",
                     PrepareOptions(consistency_pool=100, **OPTS), embedder=topic_embed)
     assert stats["s"]["counts"] == {"read": 24, "kept": 20, "skipped/inconsistent": 4}
     assert all("unrelated" not in r["positive"] for r in rows_of(tmp_path / "out" / "s"))
@@ -125,7 +149,7 @@ def test_resume_after_interruption_gives_the_same_output(tmp_path, gz):
         for f in list((tmp_path / "raw").iterdir()):
             f.with_name(f.name + ".gz").write_bytes(gzip.compress(f.read_bytes()))
             f.unlink()
-    src = lambda: {"s": TextPairDataModule(str(tmp_path / "raw"))}  # noqa: E731
+    src = lambda: {"s": Source(str(tmp_path / "raw"))}  # noqa: E731
     full = prepare(src(), tmp_path / "full", PrepareOptions(**OPTS))
     first = prepare(src(), tmp_path / "part", PrepareOptions(max_shards=2, **OPTS))
     assert first.get("_stopped") and len(list((tmp_path / "part" / "s").glob("part-*.parquet"))) == 2
@@ -160,13 +184,55 @@ def _bad_file(tmp_path):
 
 def test_bad_records_are_counted_per_reason(tmp_path):
     p = _bad_file(tmp_path)
-    stats = prepare({"s": TextPairDataModule(str(p))}, tmp_path / "out",
+    stats = prepare({"s": Source(str(p))}, tmp_path / "out",
                     PrepareOptions(max_chars=60, langs=["en", "de"], **OPTS))
     assert stats["s"]["counts"] == {
         "read": 13, "kept": 4, "skipped/malformed_json": 1, "skipped/missing_field": 1, "skipped/empty_text": 1,
         "skipped/bad_type": 1, "skipped/too_long": 1, "skipped/wrong_language": 2, "skipped/bad_teacher_scores": 1,
         "skipped/undecodable": 1,
     }
+
+
+def test_loader_and_prepare_skip_the_same_records_for_the_same_reasons(tmp_path):
+    """One record classifier: a lenient source's loader and prepare count the same skips on the same file."""
+    lines = [json.dumps(r) for r in pairs(5, lang="en")]
+    lines += [
+        '{"query": "w1", "positive": ',  # malformed JSON
+        json.dumps({"query": "w1"}),  # missing field
+        json.dumps({"query": "w1", "positive": "  "}),  # empty text
+        json.dumps({"query": "w1", "positive": "w2", "negatives": ["w3 " * 30]}),  # too long (a negative)
+        json.dumps({"query": "w1", "positive": "w2 " * 30}),  # too long (the positive)
+    ]
+    p = tmp_path / "bad.jsonl"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    examples, counts = Source(str(p), strict=False, max_chars=40).load_examples()
+    loader = {k: v for k, v in counts.items() if k.startswith("skipped/")}
+    assert loader == {"skipped/malformed_json": 1, "skipped/missing_field": 1, "skipped/empty_text": 1,
+                      "skipped/too_long": 2}
+    stats = prepare({"s": Source(str(p), strict=False, max_chars=40)}, tmp_path / "out", PrepareOptions(**OPTS))
+    prepared = {k: v for k, v in stats["s"]["counts"].items() if k.startswith("skipped/")}
+    assert prepared == loader
+    assert stats["s"]["counts"]["read"] == counts["read"] == 10
+    assert stats["s"]["counts"]["kept"] == counts["kept"] == len(examples) == 5
+
+
+def test_consistency_embedder_takes_its_prompts_from_the_policy(tmp_path, monkeypatch):
+    """``model_embedder`` prompts by the policy and the source's task; ``prepare`` passes the source's."""
+    import me5.embed.consistency as consistency
+    from me5.errors import ConfigError
+    from me5.prompts import PromptPolicy
+
+    calls = []
+    monkeypatch.setattr(consistency, "model_embedder", lambda path, **kw: calls.append(kw) or topic_embed)
+    raw = write_jsonl(tmp_path / "raw.jsonl", [{"query": f"t{i} q", "positive": f"t{i} p"} for i in range(4)])
+    src = Source(str(raw), symmetric=True, instruction="Retrieve parallel sentences.")
+    prepare({"s": src}, tmp_path / "out", PrepareOptions(consistency_model="m", prompt_style="instruct", **OPTS))
+    assert calls[0]["prompts"] == PromptPolicy("instruct") and calls[0]["symmetric"] is True
+    assert calls[0]["instruction"] == "Retrieve parallel sentences."
+    pool = json.loads((tmp_path / "out" / "s" / "_consistency" / "pool.json").read_text())
+    assert pool["meta"]["prompt_style"] == "instruct"
+    with pytest.raises(ConfigError, match="prompt_style"):
+        prepare({"s": src}, tmp_path / "o2", PrepareOptions(prompt_style="e6", **OPTS))
 
 
 @pytest.mark.parametrize(("line", "match"), [(5, "malformed JSON"), (6, "field 'positive'"), (13, "UTF-8")])
@@ -176,7 +242,7 @@ def test_strict_mode_names_file_and_line(tmp_path, line, match):
     keep = lines[:4] + [lines[line - 1]]
     p.write_bytes(b"\n".join(keep) + b"\n")
     with pytest.raises(DataError, match=rf"bad\.jsonl:5.*{match}"):
-        prepare({"s": TextPairDataModule(str(p))}, tmp_path / "out", PrepareOptions(strict=True, **OPTS))
+        prepare({"s": Source(str(p))}, tmp_path / "out", PrepareOptions(strict=True, **OPTS))
 
 
 def test_language_check_by_script():
@@ -197,8 +263,8 @@ def test_cli_single_source_and_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "wiki" in out and (tmp_path / "o1" / "wiki" / "shards.json").is_file()
     cfg = tmp_path / "prep.yaml"
-    cfg.write_text(f"shard_rows: 5\nsources:\n  a:\n    _target_: me5.data.TextPairDataModule\n    path: {raw}\n"
-                   f"  b:\n    _target_: me5.data.TextPairDataModule\n    path: {_bad_file(tmp_path)}\n")
+    cfg.write_text(f"shard_rows: 5\nsources:\n  a:\n    _target_: me5.data.source.Source\n    path: {raw}\n"
+                   f"  b:\n    _target_: me5.data.source.Source\n    path: {_bad_file(tmp_path)}\n")
     assert main(["--config", str(cfg), "--out", str(tmp_path / "o2"), "--no-progress", "--only", "a"]) == 0
     assert json.loads((tmp_path / "o2" / "stats.json").read_text())["a"]["counts"]["kept"] == 20
     assert len(list((tmp_path / "o2" / "a").glob("part-*.parquet"))) == 4
@@ -215,7 +281,7 @@ def test_consistency_filter_with_a_tiny_exported_model(tmp_path, tokenizer):
                                intermediate_size=64, max_position_embeddings=80)
     enc.save_pretrained(tmp_path / "model", tokenizer, max_seq_length=64)
     raw = write_jsonl(tmp_path / "raw.jsonl", pairs(30))
-    rc = main(["--source", "me5.data.TextPairDataModule", "--raw", str(raw), "--name", "s", "--out", str(tmp_path / "o"),
+    rc = main(["--source", "me5.data.source.Source", "--raw", str(raw), "--name", "s", "--out", str(tmp_path / "o"),
                "--consistency-model", str(tmp_path / "model"), "--consistency-pool", "10", "--consistency-top-k", "3",
                "--no-progress"])
     stats = json.loads((tmp_path / "o" / "stats.json").read_text())["s"]["counts"]

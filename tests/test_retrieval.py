@@ -9,8 +9,9 @@ import re
 import pytest
 import torch
 
+from me5.embed.search import exact_search
 from me5.errors import ConfigError, DataError
-from me5.eval.retrieval import RetrievalData, RetrievalEvaluator, exact_search, format_table, load_beir
+from me5.eval.retrieval import RetrievalData, RetrievalEvaluator, format_table, load_beir
 
 CORPUS = [
     {"_id": "d1", "title": "Cats", "text": "t1 cats purr", "lang": "en"},

@@ -27,6 +27,7 @@ from me5.data.sources import (
     XP3Pairs,
 )
 from me5.errors import ConfigError, DataError
+from tests.helpers import format_item
 
 RAW = Path(__file__).parent / "fixtures" / "raw" / "stage1"
 
@@ -219,9 +220,9 @@ CASES = [
 
 @pytest.mark.parametrize("cls, kwargs, expected, counts", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_fixture_converts_to_expected_examples(cls, kwargs, expected, counts):
-    dm = make(cls, kwargs)
-    assert dm.load_examples() == expected
-    assert dict(dm.counts) == counts
+    examples, got_counts = make(cls, kwargs).load_examples()
+    assert examples == expected
+    assert dict(got_counts) == counts
 
 
 # (class, constructor kwargs, file:line the error must name, field it must name)
@@ -241,23 +242,33 @@ MALFORMED = [
 
 @pytest.mark.parametrize("cls, kwargs, where, field", MALFORMED, ids=[m[0].source_name for m in MALFORMED])
 def test_malformed_record_names_file_line_and_field(cls, kwargs, where, field):
-    dm = make(cls, kwargs)
+    src = make(cls, kwargs)
     with pytest.raises(DataError) as info:
-        dm.load_examples()
+        src.load_examples()
     err = info.value
     assert f"{err.file}:{err.line}".endswith(where)
     assert err.field == field
     assert where in str(err) and f"field '{field}'" in str(err)
 
 
+# the skip reason of each fixture's malformed record (the one taxonomy of me5.data.records): a raw field that
+# is absent is missing_field, one of the wrong type bad_type, a record of no known shape malformed
+MALFORMED_REASON = {"wikipedia": "missing_field", "mc4": "bad_type", "cc_news": "missing_field",
+                    "nllb": "missing_field", "reddit": "bad_type", "s2orc": "missing_field",
+                    "stackexchange": "missing_field", "xp3": "missing_field", "sbert": "malformed"}
+
+
 @pytest.mark.parametrize("cls, kwargs, where, field", MALFORMED, ids=[m[0].source_name for m in MALFORMED])
 def test_malformed_record_is_counted_when_not_strict(cls, kwargs, where, field):
-    dm = make(cls, kwargs, strict=False)
+    reason = f"skipped/{MALFORMED_REASON[cls.source_name]}"
     try:
-        dm.load_examples()
-    except DataError as err:  # every record of the file was malformed
+        _, counts = make(cls, kwargs, strict=False).load_examples()
+    except DataError as err:  # every record of the file was malformed: the counts are in the message
         assert "no usable examples" in str(err)
-    assert dm.counts["skipped/malformed"] == 1
+        assert f"'{reason}': 1" in str(err) and "'kept': 0" in str(err), str(err)
+    else:
+        assert counts[reason] == 1 and counts["kept"] >= 1, dict(counts)
+        assert sum(v for k, v in counts.items() if k.startswith("skipped/")) == 1, dict(counts)
 
 
 def test_registry_matches_the_paper_mixture():
@@ -283,7 +294,8 @@ def test_language_comes_from_the_hub_config_unless_given():
 def test_record_level_language_wins(tmp_path):
     f = tmp_path / "merged.jsonl"
     f.write_text('{"inputs": "Bonjour ?", "targets": "Salut", "language": "fra_Latn"}\n', encoding="utf-8")
-    assert XP3Pairs(path=str(f), lang="und").load_examples()[0].lang == "fra_Latn"
+    examples, _ = XP3Pairs(path=str(f), lang="und").load_examples()
+    assert examples[0].lang == "fra_Latn"
 
 
 def test_sectioned_wikipedia_records_use_the_heading_path(tmp_path):
@@ -294,7 +306,7 @@ def test_sectioned_wikipedia_records_use_the_heading_path(tmp_path):
         '{"title": "Paris", "section": "History", "text": "Paris was founded in the 3rd century BC."}\n',
         encoding="utf-8",
     )
-    got = [(e.query, e.positive) for e in WikipediaPairs(path=str(f)).load_examples()]
+    got = [(e.query, e.positive) for e in WikipediaPairs(path=str(f)).load_examples()[0]]
     assert got == [
         ("Albert Einstein > Life > Early life", "Einstein was born in Ulm."),
         ("Paris > History", "Paris was founded in the 3rd century BC."),
@@ -305,14 +317,13 @@ def test_prefix_and_instruction_policies():
     rng = np.random.default_rng(0)
     pair = PairExample("The cat sleeps.", "Le chat dort.", lang="eng_Latn-fra_Latn", source="nllb")
     nllb = NLLBPairs(hub_config="eng_Latn-fra_Latn")
-    item = nllb.format(pair, n_negatives=0, rng=rng)
+    item = format_item(nllb, pair, n_negatives=0, rng=rng)
     assert item["query"] == "query: The cat sleeps." and item["passages"] == ["query: Le chat dort."]
-    nllb.prompt_style = "instruct"
-    item = nllb.format(pair, n_negatives=0, rng=rng)
+    item = format_item(nllb, pair, n_negatives=0, rng=rng, prompt_style="instruct")
     assert item["query"] == "Instruct: Retrieve parallel sentences.\nQuery: The cat sleeps."
     assert item["passages"] == ["Instruct: Retrieve parallel sentences.\nQuery: Le chat dort."]
     wiki = WikipediaPairs()
-    item = wiki.format(PairExample("Albedo", "Albedo is ...", source="wikipedia"), n_negatives=0, rng=rng)
+    item = format_item(wiki, PairExample("Albedo", "Albedo is ...", source="wikipedia"), n_negatives=0, rng=rng)
     assert item["query"] == "query: Albedo" and item["passages"] == ["passage: Albedo is ..."]
     assert S2ORCPairs(mode="title-citation").symmetric and not S2ORCPairs().symmetric
 
@@ -335,7 +346,8 @@ def test_bad_options_name_the_config_field(make, field):
 
 
 def _langs(src) -> Counter:
-    return Counter(e.lang for e in src.load_examples())
+    examples, _ = src.load_examples()
+    return Counter(e.lang for e in examples)
 
 
 def test_language_comes_from_the_published_file_layout_of_a_multilingual_folder(tmp_path):
@@ -366,9 +378,10 @@ def test_gzip_files_read_as_published(tmp_path):
         (folder / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes()))
     plain = MC4Pairs(path=str(RAW / "mc4"), data_files="c4-*.json", title_from="url")
     gz = MC4Pairs(path=str(folder), title_from="url")  # the folder lists the .json.gz files
-    got = gz.load_examples()
-    assert [(e.query, e.positive, e.lang) for e in got] == [(e.query, e.positive, e.lang) for e in plain.load_examples()]
-    assert gz.data_counts() == plain.data_counts()
+    got, gz_counts = gz.load_examples()
+    want, plain_counts = plain.load_examples()
+    assert [(e.query, e.positive, e.lang) for e in got] == [(e.query, e.positive, e.lang) for e in want]
+    assert gz_counts == plain_counts
     assert gz.num_pairs() == plain.num_pairs() == 4  # physical lines, counted through the decompression
 
 

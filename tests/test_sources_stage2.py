@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from me5.data import Source
 from me5.data.sources import STAGE2_SOURCES
 from me5.data.sources.stage2 import (
     ELI5,
@@ -31,6 +32,8 @@ from me5.data.sources.stage2 import (
     TriviaQA,
 )
 from me5.errors import ConfigError, DataError
+from me5.prompts import TASKS
+from tests.helpers import format_item
 
 FIX = Path(__file__).parent / "fixtures" / "raw" / "stage2"
 
@@ -48,10 +51,10 @@ def ex(query, positive, negatives=(), scores=None, lang="en"):
 
 
 def load(cls, rel, **kwargs):
-    dm = cls(str(FIX / rel), **kwargs)
-    examples = dm.load_examples()
+    src = cls(str(FIX / rel), **kwargs)
+    examples, counts = src.load_examples()
     got = [(e.query, e.positive, e.negatives, e.teacher_scores, e.lang) for e in examples]
-    return dm, examples, got
+    return counts, examples, got
 
 
 CASES = [
@@ -69,7 +72,8 @@ CASES = [
                 scores=[9.5, 3.25, 1.0],
             ),
         ],
-        {"read": 4, "kept": 2, "skipped/no_positive": 1, "skipped/malformed": 1},
+        # a positive without its raw "text": missing_field (the one taxonomy of me5.data.records)
+        {"read": 4, "kept": 2, "skipped/no_positive": 1, "skipped/missing_field": 1},
         id="msmarco_passage",
     ),
     pytest.param(
@@ -213,7 +217,8 @@ CASES = [
             ex("Mji mkuu wa Tanzania ni upi?", "Dodoma Dodoma ni mji mkuu wa Tanzania.",  # the first positive only
                ["Dar es Salaam Dar es Salaam ni jiji kubwa zaidi nchini Tanzania."], lang="sw"),
         ],
-        {"read": 3, "kept": 2, "skipped/malformed": 1},
+        # a negative that is an int: the layout's "expected a passage object or a string" is a bad_type
+        {"read": 3, "kept": 2, "skipped/bad_type": 1},
         id="miracl",
     ),
 ]
@@ -221,9 +226,9 @@ CASES = [
 
 @pytest.mark.parametrize(("cls", "rel", "kwargs", "expected", "counts"), CASES)
 def test_fixture_converts_to_expected_examples(cls, rel, kwargs, expected, counts):
-    dm, examples, got = load(cls, rel, **kwargs)
+    got_counts, examples, got = load(cls, rel, **kwargs)
     assert got == expected
-    assert dict(dm.counts) == counts
+    assert dict(got_counts) == counts
     assert {e.source for e in examples} == {cls.source_name}
 
 
@@ -271,14 +276,15 @@ def test_malformed_layouts_name_the_raw_field(tmp_path, record, field):
 
 
 def test_queries_without_negatives_are_counted_when_negatives_are_required():
-    dm = MrTyDi(str(FIX / "mrtydi/train.jsonl"), lang="ja")
-    assert len(dm.load_examples(n_negatives=1)) == 1
-    assert dm.counts["skipped/too_few_negatives"] == 1
+    src = MrTyDi(str(FIX / "mrtydi/train.jsonl"), lang="ja")
+    examples, counts = src.load_examples(src.classifier(n_negatives=1))
+    assert len(examples) == 1
+    assert counts["skipped/too_few_negatives"] == 1
 
 
 def first(cls, rel, **kwargs):
-    dm = cls(str(FIX / rel), **kwargs)
-    return dm, dm.load_examples()
+    src = cls(str(FIX / rel), **kwargs)
+    return src, src.load_examples()[0]
 
 
 @pytest.mark.parametrize(
@@ -290,30 +296,28 @@ def first(cls, rel, **kwargs):
     ],
 )
 def test_symmetric_sources_prefix_both_sides_with_the_query_prefix(cls, rel, kwargs):
-    dm, examples = first(cls, rel, **kwargs)
+    src, examples = first(cls, rel, **kwargs)
     e = examples[0]
     n = len(e.negatives)
-    item = dm.format(e, n_negatives=n, rng=np.random.default_rng(0))
+    item = format_item(src, e, n_negatives=n, rng=np.random.default_rng(0))
     assert item["query"] == "query: " + e.query
     assert item["passages"] == ["query: " + p for p in (e.positive, *e.negatives)]
-    dm.prompt_style = "instruct"
-    item = dm.format(e, n_negatives=n, rng=np.random.default_rng(0))
-    template = f"Instruct: {dm.instruction}\nQuery: "
+    item = format_item(src, e, n_negatives=n, rng=np.random.default_rng(0), prompt_style="instruct")
+    template = f"Instruct: {src.instruction}\nQuery: "
     assert item["query"] == template + e.query
     assert item["passages"] == [template + p for p in (e.positive, *e.negatives)]
 
 
 def test_asymmetric_sources_use_passage_prefix_and_carry_teacher_scores():
-    dm, examples = first(MSMarcoPassage, "msmarco_passage/train.jsonl", strict=False)
+    src, examples = first(MSMarcoPassage, "msmarco_passage/train.jsonl", strict=False)
     e = examples[1]
-    item = dm.format(e, n_negatives=2, rng=np.random.default_rng(0))
+    item = format_item(src, e, n_negatives=2, rng=np.random.default_rng(0))
     assert item["query"] == "query: " + JUSTICE_Q
     assert all(p.startswith("passage: ") for p in item["passages"])
     assert item["teacher_scores"] == [9.5, 3.25, 1.0]
-    item = dm.format(e, n_negatives=1, rng=np.random.default_rng(0))
+    item = format_item(src, e, n_negatives=1, rng=np.random.default_rng(0))
     assert item["teacher_scores"][0] == 9.5 and item["teacher_scores"][1] in (3.25, 1.0)
-    dm.prompt_style = "instruct"
-    item = dm.format(e, n_negatives=1, rng=np.random.default_rng(0))
+    item = format_item(src, e, n_negatives=1, rng=np.random.default_rng(0), prompt_style="instruct")
     assert item["query"] == (
         "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: " + JUSTICE_Q
     )
@@ -326,11 +330,14 @@ TABLE2 = {"msmarco_passage", "msmarco_document", "nq", "triviaqa", "squad", "nli
 
 def test_registry_covers_table2_with_documented_classes():
     assert set(STAGE2_SOURCES) == TABLE2
-    base_instruction = "Given a query, retrieve relevant passages"
+    # every source names its own task (me5.prompts.TASKS), whose instruction is not the generic one
+    base_instruction = TASKS[Source.task]
+    assert Source.task == "generic"
     for name, cls in STAGE2_SOURCES.items():
         assert cls.source_name == name
         assert cls.__doc__ and "Raw:" in cls.__doc__, name
-        assert cls.default_path and cls.instruction != base_instruction, name
+        assert cls.default_path and cls.task != Source.task and cls.task in TASKS, name
+        assert cls().instruction == TASKS[cls.task] != base_instruction, name
     assert {n for n, c in STAGE2_SOURCES.items() if c.symmetric} == {"nli", "quora", "nllb"}
 
 

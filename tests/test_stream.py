@@ -14,10 +14,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from me5.data import MixtureDataModule, PairCollator, TextPairDataModule
-from me5.data.mixture import log_realised_mixture, mixture_scalars
+from me5.app.callbacks import log_realised_mixture
+from me5.batching import BatchPlan
+from me5.data import PairBatchStream, PairCollator, PairDataModule, Source
+from me5.data.mixture import mixture_scalars
 from me5.data.stream import deal_units
 from me5.errors import ConfigError, DataError
+from tests.helpers import connect, one_source
 from tests.test_data import pairs, wordlevel_tokenizer, write_jsonl
 
 
@@ -52,7 +55,7 @@ def run(dm, n, *, rank=None, world=None):
     if rank is None:
         loader = dm.train_dataloader()
     else:
-        a = dm._loader_args
+        a = dm._connected
         coll = PairCollator(a["tokenizer"], query_max_length=a["query_max_length"], passage_max_length=a["passage_max_length"])
         loader = DataLoader(dm.build_stream(coll, rank=rank, world=world), batch_size=None, num_workers=dm.num_workers)
     out = []
@@ -62,9 +65,17 @@ def run(dm, n, *, rank=None, world=None):
 
 
 def connected(dm, tok, **kw):
-    dm.connect(tok, **{"global_batch_size": 8, **kw})
+    connect(dm, tok, **{"global_batch_size": 8, **kw})
     dm.setup("fit")
     return dm
+
+
+def in_memory_stream(dm, collator, *, weights=None, global_batch_size=8, world_size=1, **kw):
+    """A :class:`PairBatchStream` over ``dm``'s loaded examples (a connected, set-up in-memory DataModule);
+    ``weights``: the DataModule's sampling weights unless given."""
+    plan = BatchPlan.build(global_batch_size=global_batch_size, world_size=world_size)
+    return PairBatchStream(dm.examples, weights if weights is not None else dm.sampling_weights(), collator=collator,
+                           formatters=dm._connected["formatters"], batch_plan=plan, **kw)
 
 
 @pytest.mark.parametrize("layout", ["shards", "few_files"])
@@ -79,7 +90,7 @@ def test_two_ranks_two_workers_read_disjoint_data_covering_everything(tmp_path, 
         path = tmp_path / "d"
     got = {}
     for rank in range(2):
-        dm = connected(TextPairDataModule(str(path), streaming=True, num_workers=2), tokenizer, global_batch_size=16)
+        dm = connected(one_source(path, streaming=True, num_workers=2), tokenizer, global_batch_size=16)
         for i, b in enumerate(run(dm, 4, rank=rank, world=2)):  # 4 global batches x 16 = one pass over 64
             assert b["batch_index"] == i
             got[(rank, i % 2)] = got.get((rank, i % 2), []) + queries(tokenizer, b)
@@ -106,8 +117,8 @@ def test_deal_units_is_balanced_and_covers_each_epoch():
 def _resume_mixture(tmp_path, tok, **kw):
     write_parquet_shards(tmp_path / "a", 5, 12, negs=2)
     write_jsonl(tmp_path / "b.jsonl", pairs(30, negs=2, lang="de"))
-    srcs = {"a": TextPairDataModule(str(tmp_path / "a")), "b": TextPairDataModule(str(tmp_path / "b.jsonl"))}
-    dm = MixtureDataModule(srcs, weights={"a": 2.0, "b": 1.0}, seed=5, streaming=True, **kw)
+    srcs = {"a": Source(str(tmp_path / "a")), "b": Source(str(tmp_path / "b.jsonl"))}
+    dm = PairDataModule(srcs, weights={"a": 2.0, "b": 1.0}, seed=5, streaming=True, **kw)
     return connected(dm, tok, n_negatives=1, require_teacher=True)
 
 
@@ -145,7 +156,7 @@ def test_stop_and_resume_gives_the_uninterrupted_batches(tmp_path, tokenizer, nu
 
 def test_resume_on_two_ranks_with_workers(tmp_path, tokenizer):
     path = write_parquet_shards(tmp_path / "d", 6, 10)
-    make = lambda: connected(TextPairDataModule(str(path), streaming=True, num_workers=2, seed=2), tokenizer)  # noqa: E731
+    make = lambda: connected(one_source(path, streaming=True, num_workers=2, seed=2), tokenizer)  # noqa: E731
     full = {r: run(make(), 10, rank=r, world=2) for r in range(2)}
     parts = []
     for r in range(2):
@@ -166,10 +177,10 @@ def test_resume_on_two_ranks_with_workers(tmp_path, tokenizer):
 
 def test_changed_layout_resumes_with_a_warning(tmp_path, tokenizer, caplog):
     path = write_parquet_shards(tmp_path / "d", 4, 8)
-    dm = connected(TextPairDataModule(str(path), streaming=True, num_workers=2), tokenizer)
+    dm = connected(one_source(path, streaming=True, num_workers=2), tokenizer)
     run(dm, 3)
     state = dm.state_dict()
-    other = connected(TextPairDataModule(str(path), streaming=True, num_workers=0), tokenizer)
+    other = connected(one_source(path, streaming=True, num_workers=0), tokenizer)
     other.load_state_dict(state)
     with caplog.at_level("WARNING"):
         assert len(run(other, 2)) == 2
@@ -183,16 +194,13 @@ def test_homogeneous_batches_are_single_source_across_two_ranks(tmp_path, tokeni
     seen = set()
     per_rank = []
     for rank in range(2):
-        srcs = {n: TextPairDataModule(str(tmp_path / n)) for n in ("a", "b")}
-        dm = connected(MixtureDataModule(srcs, weights={"a": 1, "b": 1}, homogeneous=True, seed=3, streaming=streaming),
+        srcs = {n: Source(str(tmp_path / n)) for n in ("a", "b")}
+        dm = connected(PairDataModule(srcs, weights={"a": 1, "b": 1}, homogeneous=True, seed=3, streaming=streaming),
                        tokenizer)
         if streaming:
             per_rank.append(run(dm, 20, rank=rank, world=2))
         else:
-            from me5.data.stream import PairBatchStream
-
-            s = PairBatchStream(dm.sources(), dm.sampling_weights(), collator=PairCollator(tokenizer), global_batch_size=8,
-                                rank=rank, world_size=2, seed=3, homogeneous=True)
+            s = in_memory_stream(dm, PairCollator(tokenizer), world_size=2, rank=rank, seed=3, homogeneous=True)
             it = iter(s)
             per_rank.append([next(it) for _ in range(20)])
     for b0, b1 in zip(*per_rank):
@@ -206,11 +214,11 @@ def _two_sources(tmp_path, n_a, n_b, *, streaming, **kw):
     if streaming:
         write_parquet_shards(tmp_path / "a", 4, n_a // 4, lang="a")
         write_parquet_shards(tmp_path / "b", 2, n_b // 2, lang="b", start=100)
-        srcs = {n: TextPairDataModule(str(tmp_path / n)) for n in ("a", "b")}
+        srcs = {n: Source(str(tmp_path / n)) for n in ("a", "b")}
     else:
-        srcs = {n: TextPairDataModule(str(write_jsonl(tmp_path / f"{n}.jsonl", pairs(c, lang=n))))
+        srcs = {n: Source(str(write_jsonl(tmp_path / f"{n}.jsonl", pairs(c, lang=n))))
                 for n, c in (("a", n_a), ("b", n_b))}
-    return MixtureDataModule(srcs, seed=7, streaming=streaming, **kw)
+    return PairDataModule(srcs, seed=7, streaming=streaming, **kw)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -231,14 +239,14 @@ def test_realised_mixture_matches_weights_with_temperature(tmp_path, tokenizer, 
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_language_temperature_within_a_source(tmp_path, tokenizer, streaming):
-    if streaming:  # one language per row group, as me5.data.prepare writes them
+    if streaming:  # one language per row group, as me5.data.shards.prepare writes them
         write_parquet_shards(tmp_path / "s", 3, 300, lang="en")
         write_parquet_shards(tmp_path / "s2", 1, 100, lang="de", start=50)
         (tmp_path / "s2" / "part-000.parquet").rename(tmp_path / "s" / "part-de.parquet")
-        src = TextPairDataModule(str(tmp_path / "s"))
+        src = Source(str(tmp_path / "s"))
     else:
-        src = TextPairDataModule(str(write_jsonl(tmp_path / "s.jsonl", pairs(900, lang="en") + pairs(100, lang="de"))))
-    dm = connected(MixtureDataModule({"s": src}, lang_temperature_alpha=0.0, seed=1, streaming=streaming), tokenizer,
+        src = Source(str(write_jsonl(tmp_path / "s.jsonl", pairs(900, lang="en") + pairs(100, lang="de"))))
+    dm = connected(PairDataModule({"s": src}, lang_temperature_alpha=0.0, seed=1, streaming=streaming), tokenizer,
                    global_batch_size=64)
     assert dm.lang_weights() == {"s": {"de": 1.0, "en": 1.0}}
     run(dm, 40)
@@ -250,7 +258,7 @@ def test_language_temperature_needs_single_language_shards(tmp_path, tokenizer):
     p = tmp_path / "m"
     p.mkdir()
     pq.write_table(pa.Table.from_pylist(pairs(10, lang="en") + pairs(10, lang="de")), p / "x.parquet")
-    dm = MixtureDataModule({"m": TextPairDataModule(str(p))}, lang_temperature_alpha=0.3, streaming=True)
+    dm = PairDataModule({"m": Source(str(p))}, lang_temperature_alpha=0.3, streaming=True)
     with pytest.raises(ConfigError, match="single-language"):
         connected(dm, tokenizer)
 
@@ -288,9 +296,12 @@ def test_log_realised_mixture_to_csv_and_wandb(tmp_path):
 def test_hub_datasets_stream_is_split_and_resumes(tmp_path, tokenizer):
     files = write_parquet_shards(tmp_path / "d", 3, 10)
     data_files = sorted(str(p) for p in files.glob("*.parquet"))
-    make = lambda: connected(TextPairDataModule("parquet", data_files=data_files, num_workers=2), tokenizer)  # noqa: E731
+
+    def make():  # one source: no weight needed (a hub stream has no size offline)
+        return connected(one_source("parquet", data_files=data_files, num_workers=2), tokenizer)
+
     dm = make()
-    assert dm.is_streaming() and dm.sources()["pairs"].leaves[0].hub is not None
+    assert dm.is_streaming() and dm.leaves["pairs"][0].hub is not None
     full = run(dm, 10)
     assert sorted(Counter(q for b in full[:2] for q in queries(tokenizer, b)).values()) == [1] * 16  # disjoint readers
     first = make()
@@ -307,37 +318,36 @@ def test_bad_records_when_streaming_name_file_and_line_or_are_counted(tmp_path, 
     recs[7] = json.dumps({"query": "w1"})
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "bad.jsonl").write_text("\n".join(recs) + "\n")
-    dm = connected(TextPairDataModule(str(tmp_path / "d"), streaming=True), tokenizer, global_batch_size=4)
+    dm = connected(one_source(tmp_path / "d", streaming=True), tokenizer, global_batch_size=4)
     with pytest.raises(DataError, match=r"bad\.jsonl:5.*malformed JSON"):
         run(dm, 3)
-    dm = connected(TextPairDataModule(str(tmp_path / "d"), streaming=True, num_workers=2), tokenizer, global_batch_size=4)
+    dm = connected(one_source(tmp_path / "d", streaming=True, num_workers=2), tokenizer, global_batch_size=4)
     it = iter(dm.train_dataloader())
     with pytest.raises(DataError, match=r"bad\.jsonl:5"):  # from inside a worker: still a DataError naming file:line
         for _ in range(3):
             next(it)
     for w in it._workers:  # torch waits 5 s per worker to shut down after a worker error; not what is tested
         w.terminate()
-    dm = connected(TextPairDataModule(str(tmp_path / "d"), streaming=True, strict=False), tokenizer, global_batch_size=4)
+    dm = connected(one_source(tmp_path / "d", streaming=True, strict=False), tokenizer, global_batch_size=4)
     run(dm, 3)  # 12 slots over the 10 good records: wraps into the second epoch
-    assert dm.data_counts()["pairs/skipped/malformed"] >= 2
+    counts = dm.data_counts()  # each bad record counted under its reason (the taxonomy me5.data.records shares)
+    assert counts["pairs/skipped/malformed_json"] >= 1 and counts["pairs/skipped/missing_field"] >= 1
 
 
 def test_streaming_is_automatic_for_prepared_shards_and_hub_ids(tmp_path):
     write_parquet_shards(tmp_path / "d", 2, 5)
-    assert not TextPairDataModule(str(tmp_path / "d")).wants_streaming()
+    assert not Source(str(tmp_path / "d")).wants_streaming()
     (tmp_path / "d" / "shards.json").write_text("{}")
-    assert TextPairDataModule(str(tmp_path / "d")).wants_streaming()
-    assert TextPairDataModule("someone/some-dataset").wants_streaming()
-    assert not TextPairDataModule("someone/some-dataset", streaming=False).wants_streaming()
+    assert Source(str(tmp_path / "d")).wants_streaming()
+    assert Source("someone/some-dataset").wants_streaming()
+    assert not Source("someone/some-dataset", streaming=False).wants_streaming()
 
 
 def test_in_memory_default_sequence_is_unchanged(tmp_path, tokenizer):
     """The in-memory draws are the ones the sample run's golden losses were recorded with."""
-    from me5.data.stream import PairBatchStream
-
     p = write_jsonl(tmp_path / "r.jsonl", [{"query": f"w{i}", "positive": f"w{i}"} for i in range(50)])
-    src = connected(TextPairDataModule(str(p)), tokenizer)
-    s = PairBatchStream(src.sources(), src.weights(), collator=PairCollator(tokenizer), global_batch_size=8, seed=0)
+    dm = connected(one_source(p), tokenizer)
+    s = in_memory_stream(dm, PairCollator(tokenizer), weights=dm.weights(), seed=0)
     first = next(iter(s))
     rng = np.random.default_rng(0)
     rng.choice(1, size=8, p=[1.0])
@@ -367,8 +377,7 @@ def test_lightning_checkpoint_resume_streaming_with_workers(tmp_path, tokenizer)
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def fit(max_steps, ckpt_path=None, every=None):
-        dm = TextPairDataModule(str(path), streaming=True, num_workers=2, seed=4)
-        dm.connect(tokenizer, global_batch_size=4)
+        dm = connect(one_source(path, streaming=True, num_workers=2, seed=4), tokenizer, global_batch_size=4)
         model = Recorder()
         cbs = [ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=every, save_top_k=-1,
                                filename="s{step}", auto_insert_metric_name=False)] if every else []
@@ -379,7 +388,7 @@ def test_lightning_checkpoint_resume_streaming_with_workers(tmp_path, tokenizer)
 
     full = fit(9, every=4)
     ckpt = torch.load(tmp_path / "ck" / "s4.ckpt", weights_only=False)
-    state = ckpt["TextPairDataModule"]
+    state = ckpt["PairDataModule"]
     assert state["consumed_batches"] == 4 and sorted(state["stream"]["readers"]) == [0, 1]
     resumed = fit(9, ckpt_path=str(tmp_path / "ck" / "s4.ckpt"))
     assert [b for b, _ in full] == list(range(9)) and [b for b, _ in resumed] == list(range(4, 9))
@@ -391,7 +400,7 @@ def _gather_worker(rank, path, port, out):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        dm = connected(TextPairDataModule(str(path), streaming=True, num_workers=0, seed=1), wordlevel_tokenizer())
+        dm = connected(one_source(path, streaming=True, num_workers=0, seed=1), wordlevel_tokenizer())
         run(dm, 3, rank=rank, world=2)
         out.put((rank, dm.state_dict(), dm.realised_mixture(gather=True)))
     finally:
@@ -422,8 +431,8 @@ def test_state_dict_gathers_every_ranks_readers_under_torch_distributed(tmp_path
 
 
 def _gz_mixture(tmp_path, tok, name):
-    srcs = {"b": TextPairDataModule(str(tmp_path / name))}
-    return connected(MixtureDataModule(srcs, seed=5, streaming=True), tok, n_negatives=1, require_teacher=True)
+    srcs = {"b": Source(str(tmp_path / name))}
+    return connected(PairDataModule(srcs, seed=5, streaming=True), tok, n_negatives=1, require_teacher=True)
 
 
 def test_gzip_jsonl_streams_like_plain_jsonl_and_resumes_inside_the_file(tmp_path, tokenizer):
@@ -461,14 +470,12 @@ def test_loader_workers_freeze_what_they_inherit_and_the_main_process_is_untouch
     import gc
 
     write_jsonl(tmp_path / "r.jsonl", pairs(64))
-    dm = connected(MixtureDataModule({"r": TextPairDataModule(str(tmp_path / "r.jsonl"))}, streaming=streaming,
-                                     num_workers=1), tokenizer)
+    dm = connected(PairDataModule({"r": Source(str(tmp_path / "r.jsonl"))}, streaming=streaming, num_workers=1),
+                   tokenizer)
     if streaming:
         stream = dm.build_stream(_FreezeCount())
     else:
-        from me5.data.stream import PairBatchStream
-
-        stream = PairBatchStream(dm.sources(), dm.weights(), collator=_FreezeCount(), global_batch_size=8, seed=0)
+        stream = in_memory_stream(dm, _FreezeCount(), weights=dm.weights(), seed=0)
     before = gc.get_freeze_count()
     batch = next(iter(DataLoader(stream, batch_size=None, num_workers=1)))
     assert batch["frozen"] > 10_000  # the worker froze the objects it inherited (torch and all: far more than 10k)
@@ -493,9 +500,9 @@ def test_language_temperature_over_raw_files_named_by_language(tmp_path, tokeniz
     raw.mkdir()
     _c4_file(raw / "c4-de.tfrecord-00000-of-00001.json.gz", 450, gz=True)
     _c4_file(raw / "c4-fr.tfrecord-00000-of-00001.json", 50)
-    dm = connected(MixtureDataModule({"mc4": MC4Pairs(path=str(raw))}, lang_temperature_alpha=0.0, seed=1,
-                                     streaming=True), tokenizer, global_batch_size=64)
-    assert dm.sources()["mc4"].lang_sizes() == {"de": 450, "fr": 50}
+    dm = connected(PairDataModule({"mc4": MC4Pairs(path=str(raw))}, lang_temperature_alpha=0.0, seed=1,
+                                  streaming=True), tokenizer, global_batch_size=64)
+    assert dm.lang_sizes("mc4") == {"de": 450, "fr": 50}
     assert dm.lang_weights() == {"mc4": {"de": 1.0, "fr": 1.0}}
     run(dm, 30)
     langs = dm.realised_mixture()["mc4"]
@@ -504,8 +511,8 @@ def test_language_temperature_over_raw_files_named_by_language(tmp_path, tokeniz
     from me5.data.sources import RedditPairs
 
     reddit = RedditPairs(path=str(Path(__file__).parent / "fixtures" / "raw" / "stage1" / "reddit"))
-    mixed = MixtureDataModule({"mc4": MC4Pairs(path=str(raw)), "reddit": reddit}, weights={"mc4": 1, "reddit": 1},
-                              lang_temperature_alpha=0.5, streaming=True)
+    mixed = PairDataModule({"mc4": MC4Pairs(path=str(raw)), "reddit": reddit}, weights={"mc4": 1, "reddit": 1},
+                           lang_temperature_alpha=0.5, streaming=True)
     mixed = connected(mixed, tokenizer, global_batch_size=16)
     assert mixed.lang_weights()["reddit"] == {"en": pytest.approx(5**0.5)}  # 5 lines, alpha 0.5
     run(mixed, 4)
@@ -519,8 +526,8 @@ def test_language_temperature_over_raw_files_checks_each_record(tmp_path, tokeni
     raw.mkdir()
     _c4_file(raw / "c4-de.tfrecord-00000-of-00001.json", 40)
     bad = _c4_file(raw / "c4-fr.tfrecord-00000-of-00001.json", 40, lang_field="it")  # records say otherwise
-    dm = connected(MixtureDataModule({"mc4": MC4Pairs(path=str(raw))}, lang_temperature_alpha=0.0, seed=1,
-                                     streaming=True), tokenizer, global_batch_size=16)
+    dm = connected(PairDataModule({"mc4": MC4Pairs(path=str(raw))}, lang_temperature_alpha=0.0, seed=1,
+                                  streaming=True), tokenizer, global_batch_size=16)
     with pytest.raises(DataError, match="'it' is not 'fr'") as info:
         run(dm, 20)
     assert info.value.file == str(bad) and info.value.field == "lang"
@@ -529,5 +536,5 @@ def test_language_temperature_over_raw_files_checks_each_record(tmp_path, tokeni
     other.mkdir()
     _c4_file(other / "pages.jsonl", 10)
     with pytest.raises(ConfigError, match="published name"):
-        connected(MixtureDataModule({"mc4": MC4Pairs(path=str(other))}, lang_temperature_alpha=0.0, streaming=True),
+        connected(PairDataModule({"mc4": MC4Pairs(path=str(other))}, lang_temperature_alpha=0.0, streaming=True),
                   tokenizer)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from me5.app.synthetic import main
 from me5.data.synthetic import (
     LANGS,
     LEXICON_PATH,
@@ -16,7 +17,6 @@ from me5.data.synthetic import (
     generate_sample_data,
     is_eval_key,
     load_lexicon,
-    main,
 )
 from me5.errors import ConfigError
 

@@ -1,8 +1,13 @@
 """Export an :class:`~me5.models.encoder.Encoder` as a Hugging Face folder that sentence-transformers also loads.
 
 The folder holds the backbone and tokenizer (``transformers.AutoModel.from_pretrained(out_dir)``), the
-sentence-transformers modules (Transformer -> Pooling -> Normalize) with the mE5 prompts, and ``me5.json``
+sentence-transformers modules (Transformer -> Pooling -> Normalize) with the model's prompts, and ``me5.json``
 (pooling, normalisation, prefixes and run metadata) that ``python -m me5.evaluate`` reads.
+
+The saved checkpoint holds every weight that plain ``AutoModel.from_pretrained(out_dir)`` builds, pooler head
+included (bert, roberta, xlm-roberta): the checkpoint's own pooler when the encoder was loaded from one, else a
+zero one. me5 never uses the pooler (it pools ``last_hidden_state``: mean, cls or last token); it is written so
+that a reload reports no freshly initialised weights and gives a deterministic ``pooler_output``.
 
 The sentence-transformers files use the long-standing layout that the published mE5 checkpoints use
 (``sentence_transformers.models.*`` module types, ``pooling_mode_*`` flags): sentence-transformers 6 maps it
@@ -17,7 +22,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from me5.errors import ConfigError
+from me5.models.encoder import POOLER_MODEL_TYPES
+from me5.prompts import PromptPolicy
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +48,7 @@ _ST_POOLING_FLAGS = (
 )
 # model types whose position ids start after the padding index (usable length = max_position_embeddings - pad - 1)
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"}
-_NO_POOLER_TYPES = {"bert", "roberta", "xlm-roberta"}
+_FALLBACK_MAX_LENGTH = 512  # neither the tokenizer nor the config says
 
 
 def export_encoder(
@@ -47,29 +56,43 @@ def export_encoder(
     tokenizer,
     out_dir: str | Path,
     *,
-    query_prefix: str = "query: ",
-    passage_prefix: str = "passage: ",
-    max_seq_length: int = 512,
+    prompts: PromptPolicy | None = None,
+    instruction: str | None = None,
+    max_seq_length: int | None = None,
     extra_metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``encoder`` + ``tokenizer`` to ``out_dir``; returns the folder.
 
+    ``prompts`` (default: E5's) is the model's :class:`~me5.prompts.PromptPolicy`; ``instruction`` the task of
+    the instruct policy's query prompt (default: the generic web-search retrieval task).
     ``SentenceTransformer(out_dir).encode(texts, prompt_name="query")`` then equals
-    ``encoder.encode(texts, tokenizer, prefix=query_prefix)`` (``"passage"``/``"document"`` likewise), and
-    ``max_seq_length`` (capped at the backbone's position limit) is sentence-transformers' truncation length.
+    ``encoder.encode(texts, tokenizer, prefix=prompts.query(...))`` (``"passage"``/``"document"`` likewise: the
+    document prompt), and plain ``encode(texts)`` uses the query prompt (``PromptPolicy.sentence_transformers``).
+    ``max_seq_length`` is sentence-transformers' truncation length (``me5.json`` records it too): by default
+    (None) the model's own limit, the smaller of ``tokenizer.model_max_length`` and the backbone's usable
+    positions (512 for XLM-R), not any training length; an explicit value is capped at the positions.
     ``extra_metadata`` (git sha, resolved config, ...) goes to ``me5.json`` as is (non-JSON values as strings).
     """
     if encoder.pooling not in _ST_POOLING:
         raise ConfigError(
             "model.encoder.pooling", f"'{encoder.pooling}' has no sentence-transformers equivalent"
         )
+    prompts = prompts or PromptPolicy("e5")
+    st_prompts = prompts.sentence_transformers(instruction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     backbone = encoder.backbone
     config = backbone.config
-    max_seq_length = _cap_length(config, max_seq_length)
+    if max_seq_length is None:
+        max_seq_length = model_max_length(config, tokenizer)
+    else:
+        max_seq_length = _cap_length(config, max_seq_length)
 
-    backbone.save_pretrained(out)
+    state_dict = None
+    pooler = _pooler_state(encoder)
+    if pooler is not None:
+        state_dict = {**backbone.state_dict(), **pooler}
+    backbone.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
 
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
@@ -90,18 +113,16 @@ def export_encoder(
     (out / "1_Pooling").mkdir(exist_ok=True)
     _write_json(out / "1_Pooling" / "config.json", pooling)
 
-    st_config: dict[str, Any] = {"max_seq_length": max_seq_length, "do_lower_case": False}
-    if config.model_type in _NO_POOLER_TYPES and getattr(backbone, "pooler", None) is None:
-        st_config["model_args"] = {"add_pooling_layer": False}  # else AutoModel adds a random, unused pooler
-    _write_json(out / "sentence_bert_config.json", st_config)
+    # no model_args: the checkpoint has the pooler that AutoModel builds by default (add_pooling_layer=False
+    # would make transformers list it as UNEXPECTED); sentence-transformers pools token embeddings anyway
+    _write_json(out / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
 
     _write_json(
         out / "config_sentence_transformers.json",
         {
             "__version__": _versions(),
             "model_type": "SentenceTransformer",
-            "prompts": {"query": query_prefix, "passage": passage_prefix, "document": passage_prefix},
-            "default_prompt_name": None,
+            **st_prompts,
             "similarity_fn_name": "cosine" if encoder.normalize else "dot",
         },
     )
@@ -110,8 +131,9 @@ def export_encoder(
         {
             "pooling": encoder.pooling,
             "normalize": bool(encoder.normalize),
-            "query_prefix": query_prefix,
-            "passage_prefix": passage_prefix,
+            "prompts": prompts.to_dict(),
+            "query_prefix": st_prompts["prompts"]["query"],
+            "passage_prefix": st_prompts["prompts"]["passage"],
             "max_seq_length": max_seq_length,
             "versions": _versions(),
             "metadata": extra_metadata or {},
@@ -121,18 +143,58 @@ def export_encoder(
     return out
 
 
-def _cap_length(config, max_seq_length: int) -> int:
+def model_max_length(config, tokenizer) -> int:
+    """The model's own input limit: min(``tokenizer.model_max_length`` when set, the usable positions).
+
+    512 for the XLM-R family (514 position embeddings less the padding offset). A tokenizer without a limit
+    has ``model_max_length`` ~1e30; with no limit from either side, 512.
+    """
+    limits = [_position_limit(config)]
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 1_000_000:
+        limits.append(tok_limit)
+    limits = [n for n in limits if n is not None]
+    return min(limits) if limits else _FALLBACK_MAX_LENGTH
+
+
+def _position_limit(config) -> int | None:
+    """How many tokens the position embeddings take (None: no absolute positions in the config)."""
     limit = getattr(config, "max_position_embeddings", None)
     if limit is None:
-        return max_seq_length
+        return None
     if config.model_type in _OFFSET_POSITIONS:
         limit -= (config.pad_token_id or 0) + 1
-    if max_seq_length > limit:
+    return int(limit)
+
+
+def _cap_length(config, max_seq_length: int) -> int:
+    limit = _position_limit(config)
+    if limit is not None and max_seq_length > limit:
         log.info(
             "max_seq_length %d exceeds the backbone's %d positions; using %d", max_seq_length, limit, limit
         )
         return limit
     return max_seq_length
+
+
+def _pooler_state(encoder) -> dict[str, torch.Tensor] | None:
+    """The ``pooler.*`` tensors to add to the saved backbone, or None when there is nothing to add.
+
+    The checkpoint's own pooler when ``Encoder.from_pretrained`` kept one (``encoder.pooler_state``), else zeros:
+    a from-scratch model never had one, and me5 never uses it (it pools ``last_hidden_state``); zeros are
+    deterministic where a fresh ``AutoModel`` pooler would be random, and they make ``pooler_output`` plainly
+    meaningless (tanh(0) = 0) rather than plausible noise.
+    """
+    backbone = encoder.backbone
+    config = backbone.config
+    if config.model_type not in POOLER_MODEL_TYPES or getattr(backbone, "pooler", None) is not None:
+        return None  # no pooler in this architecture, or the backbone's own is in its state dict already
+    ref = backbone.get_input_embeddings().weight
+    state = getattr(encoder, "pooler_state", None)
+    if state is None:
+        dim = int(config.hidden_size)
+        state = {"pooler.dense.weight": torch.zeros(dim, dim), "pooler.dense.bias": torch.zeros(dim)}
+    return {k: v.detach().to(device=ref.device, dtype=ref.dtype) for k, v in state.items()}
 
 
 def _versions() -> dict[str, str]:

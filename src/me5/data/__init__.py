@@ -1,29 +1,22 @@
-"""Text-pair data: the normalised schema, readers, the base DataModule, mixtures and sources.
+"""Text-pair data, in rooms (see docs/ARCHITECTURE.md):
 
-Names are imported lazily so that ``me5.data.readers`` and ``me5.data.schema`` load without Lightning.
+* ``schema`` (the normalised record), ``readers`` (files, hub streams, units), ``records`` (the one record
+  classifier: kept or skipped by reason);
+* ``source`` (:class:`Source`: where a source lives, how a raw record becomes an example, its language and
+  prompt role) and ``sources/`` (one small class per paper source);
+* ``collate`` (prompts and negatives per item, tokenisation), ``stream`` (in-memory and sharded batch streams),
+  ``position`` (the checkpointed data position), ``datamodule`` (:class:`PairDataModule`, the one
+  LightningDataModule), ``mixture`` (the realised mixture as rows and scalars);
+* ``shards`` (raw sources -> sharded parquet + statistics), ``decontaminate`` (eval-set overlap, language
+  checks), ``synthetic`` (the generated sample data).
 """
 
-from __future__ import annotations
+from me5.data.collate import ItemFormatter, PairCollator, TrainItem
+from me5.data.datamodule import PairDataModule
+from me5.data.records import RecordClassifier
+from me5.data.schema import PairExample, to_example
+from me5.data.source import Source
+from me5.data.stream import PairBatchStream, ShardedPairStream
 
-import importlib
-
-_EXPORTS = {
-    "MixtureDataModule": "me5.data.mixture",
-    "PairBatchStream": "me5.data.stream",
-    "ShardedPairStream": "me5.data.stream",
-    "log_realised_mixture": "me5.data.mixture",
-    "RealisedMixtureLogger": "me5.data.mixture",
-    "TextPairDataModule": "me5.data.base",
-    "PairCollator": "me5.data.collate",
-    "TrainItem": "me5.data.collate",
-    "PairExample": "me5.data.schema",
-    "to_example": "me5.data.schema",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'me5.data' has no attribute '{name}'")
+__all__ = ["ItemFormatter", "PairBatchStream", "PairCollator", "PairDataModule", "PairExample", "RecordClassifier",
+           "ShardedPairStream", "Source", "TrainItem", "to_example"]

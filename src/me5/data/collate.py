@@ -4,7 +4,7 @@ Queries and passages are tokenised separately with their own maximum length. Tru
 silent: the counts ride along in the batch (``n_truncated_queries``/``n_truncated_passages``) and the
 LightningModule logs them.
 
-Speed (see ``python -m me5.bench_data``): with a fast (Rust) tokenizer the whole batch is one
+Speed (see ``python -m me5.app.bench_data``): with a fast (Rust) tokenizer the whole batch is one
 ``encode_batch_fast`` call per side on a private copy of the backend tokenizer, with the tokenizer's own
 truncation (so ``</s>`` is kept exactly as ``truncation=True`` keeps it); a text counts as truncated when
 its encoding has overflowing tokens (exact). Padding is one vectorised numpy scatter.
@@ -34,6 +34,7 @@ import itertools
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypedDict
 
 import numpy as np
@@ -50,6 +51,39 @@ class TrainItem(TypedDict):
     teacher_scores: list[float] | None
     lang: str
     source: str
+
+
+@dataclass(frozen=True)
+class ItemFormatter:
+    """One source's training items: its prompts (``me5.prompts``) on every text, and ``n_negatives`` of an
+    example's hard negatives drawn at random (with their teacher scores, positive first)."""
+
+    query_prompt: str = ""
+    document_prompt: str = ""
+    n_negatives: int = 0
+
+    @classmethod
+    def for_source(cls, source, prompts, *, n_negatives: int = 0) -> ItemFormatter:
+        """The formatter of a :class:`~me5.data.source.Source` under a :class:`~me5.prompts.PromptPolicy`."""
+        instruction = source.instruction if prompts.style == "instruct" else None
+        q, d = prompts.pair(instruction, symmetric=source.symmetric)
+        return cls(q, d, n_negatives)
+
+    def __call__(self, ex, *, rng: np.random.Generator) -> TrainItem:
+        picked: Sequence[int] = ()
+        if self.n_negatives:
+            picked = sorted(rng.choice(len(ex.negatives), size=self.n_negatives, replace=False).tolist())
+        scores = None
+        if ex.teacher_scores is not None:
+            scores = [ex.teacher_scores[0]] + [ex.teacher_scores[1 + i] for i in picked]
+        d = self.document_prompt
+        return TrainItem(
+            query=self.query_prompt + ex.query,
+            passages=[d + ex.positive] + [d + ex.negatives[i] for i in picked],
+            teacher_scores=scores,
+            lang=ex.lang,
+            source=ex.source,
+        )
 
 
 def text_hash(text: str) -> int:

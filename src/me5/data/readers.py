@@ -4,16 +4,16 @@ jsonl files may be gzip-compressed (``.jsonl.gz``/``.json.gz``, as mC4, CC News 
 exports ship): they are read as they are, without a decompression step. Their byte offsets count decompressed
 bytes, and resuming inside one decompresses up to the offset again (a gzip stream cannot be entered midway);
 counting its lines (source sizes for mixture weights, stride reading) decompresses it whole. For repeated
-runs over a large corpus, ``me5.data.prepare`` converts it once to parquet shards.
+runs over a large corpus, ``me5.prepare`` converts it once to parquet shards.
 
 Every record comes with where it came from (file and 1-based line or row), so a bad record is reported
 as ``file:line``. A missing file is an error; so is a malformed jsonl line, unless a caller asks for bad lines
-as values (``errors="yield"``: lenient sources and ``me5.data.prepare`` count and skip them).
+as values (``errors="yield"``: lenient sources and ``me5.prepare`` count and skip them).
 
 For streaming (``me5.data.stream``) a source is cut into *units*, the pieces that ranks and DataLoader
 workers share out: one parquet row group, or one whole jsonl file. :func:`list_units` lists them from the
 files' metadata (parquet footers; for jsonl the file size) or, when present, from the ``shards.json``
-manifest that ``me5.data.prepare`` writes, so no data is read to plan the split. Reading resumes inside a
+manifest that ``me5.prepare`` writes, so no data is read to plan the split. Reading resumes inside a
 unit: at a row of a row group, or at a byte offset (and line number) of a jsonl file.
 """
 
@@ -81,7 +81,7 @@ def resolve_files(path: str | os.PathLike, data_files: str | Sequence[str] | Non
     if p.is_file():
         return [p]
     if p.is_dir():
-        if (p / SHARDS_MANIFEST).is_file():  # a me5.data.prepare folder: its parquet shards (not its json stats)
+        if (p / SHARDS_MANIFEST).is_file():  # a me5.prepare folder: its parquet shards (not its json stats)
             files = sorted(p.glob("*.parquet"))
         else:
             files = sorted(f for f in p.iterdir() if f.is_file() and data_suffix(f) in LOCAL_SUFFIXES)

@@ -22,7 +22,7 @@ of ``(seed, b)`` drawn from one sequential generator, and a resume replays the c
   units (seeded per source and epoch) and deals them to the ``N`` readers, balanced by rows (largest-load
   first; ties to the lower reader); every unit goes to one reader. With fewer units than readers, every
   reader reads every unit and keeps the records whose index in the epoch is ``r mod N`` (disjoint records;
-  each reader then parses every unit, so prefer many shards: ``me5.data.prepare`` writes row groups of 10k).
+  each reader then parses every unit, so prefer many shards: ``me5.prepare`` writes row groups of 10k).
   Either way the readers of an epoch together cover every record exactly once. Readers advance at the rate
   their batches ask for, so a reader with more rows than another starts its next epoch a little later.
 * *Order.* Units are permuted per epoch and the rows of a parquet row group are permuted per epoch too
@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from me5.batching import BatchPlan
 from me5.data.readers import Unit, count_lines, iter_jsonl_at, load_hub_stream, read_row_group
 from me5.errors import DataError
 
@@ -87,27 +88,26 @@ class PairBatchStream(IterableDataset):
 
     def __init__(
         self,
-        sources: Mapping,
+        examples: Mapping[str, Sequence],
         weights: Mapping[str, float],
         *,
         collator,
-        global_batch_size: int,
-        n_negatives: int = 0,
+        formatters: Mapping,
+        batch_plan: BatchPlan,
         rank: int = 0,
-        world_size: int = 1,
         seed: int = 0,
         homogeneous: bool = False,
         start_batch: int = 0,
         lang_weights: Mapping[str, Mapping[str, float]] | None = None,
     ):
-        self.names = [n for n in sources if weights[n] > 0]
-        self.sources = sources
+        self.names = [n for n in examples if weights[n] > 0]
+        self.examples = examples
+        self.formatters = formatters
         p = np.array([weights[n] for n in self.names], dtype=np.float64)
         self.p = p / p.sum()
         self.collator = collator
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // world_size
-        self.n_negatives = n_negatives
+        self.global_batch_size = batch_plan.global_batch_size
+        self.slots = batch_plan.rank_slice(rank)
         self.rank = rank
         self.seed = seed
         self.homogeneous = homogeneous
@@ -122,7 +122,7 @@ class PairBatchStream(IterableDataset):
     def _by_lang(self) -> dict[str, dict[str, np.ndarray]]:
         out = {}
         for name in self.lang_p:
-            langs = np.array([ex.lang for ex in self.sources[name].examples])
+            langs = np.array([ex.lang for ex in self.examples[name]])
             out[name] = {lang: np.flatnonzero(langs == lang) for lang in self.lang_p[name][0]}
         return out
 
@@ -135,7 +135,7 @@ class PairBatchStream(IterableDataset):
         lang_state: dict[tuple[str, str], list] = {}  # (source, lang) -> [order, cursor, epoch]
 
         def next_index(name: str) -> int:
-            exs = self.sources[name].examples
+            exs = self.examples[name]
             if order[name] is None or cursor[name] >= len(exs):
                 if order[name] is not None:
                     epoch[name] += 1
@@ -182,13 +182,12 @@ class PairBatchStream(IterableDataset):
         info = get_worker_info()
         wid, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         freeze_gc_in_worker()
-        lo, hi = self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size
         for b, slots in enumerate(self._global_batches()):
             if b < self.start_batch or (b - self.start_batch) % n_workers != wid:
                 continue
             neg_rng = np.random.default_rng([self.seed, b, self.rank])
-            exs = [(name, self.sources[name].examples[i]) for name, i in slots[lo:hi]]
-            items = [self.sources[name].format(ex, n_negatives=self.n_negatives, rng=neg_rng) for name, ex in exs]
+            exs = [(name, self.examples[name][i]) for name, i in slots[self.slots]]
+            items = [self.formatters[name](ex, rng=neg_rng) for name, ex in exs]
             batch = self.collator(items)
             batch["batch_index"] = b
             batch["data_state"] = {
@@ -207,7 +206,7 @@ def freeze_gc_in_worker() -> None:
     A worker inherits the trainer's ~0.5M tracked objects (torch, transformers, lightning modules) and keeps
     them all its life. A full collection walks every one of them (~0.3 s on the 2-core VM), and the stream of
     short-lived records sets one off every few tens of batches: about a tenth of a worker's time in
-    ``python -m me5.bench_data``. Frozen, they are skipped; objects the worker creates later are collected as
+    ``python -m me5.app.bench_data``. Frozen, they are skipped; objects the worker creates later are collected as
     usual. It also spares the forked pages that a collection would otherwise write to (copy on write).
     """
     if get_worker_info() is not None:
@@ -251,17 +250,18 @@ def deal_units(units: Sequence[Unit], *, key: str, epoch: int, seed: int, n_read
 
 
 class LeafReader:
-    """Reader ``reader`` of ``n_readers`` over one leaf's local units; yields the source's kept examples.
+    """Reader ``reader`` of ``n_readers`` over one leaf's local units; yields the kept examples (``classify``:
+    the source's :class:`~me5.data.records.RecordClassifier`).
 
     ``position()``: ``[epoch, unit_pos, offset, byte, line]``, the point just after the last example handed
     out; a reader built with that position continues exactly there.
     """
 
-    def __init__(self, leaf: Leaf, source, *, reader: int, n_readers: int, seed: int, filters: Mapping,
-                 counts: Counter, position: Sequence[int] | None = None, shuffle_rows: bool = True):
-        self.leaf, self.source = leaf, source
+    def __init__(self, leaf: Leaf, classify, *, reader: int, n_readers: int, seed: int, counts: Counter,
+                 position: Sequence[int] | None = None, shuffle_rows: bool = True):
+        self.leaf, self.classify = leaf, classify
         self.reader, self.n_readers, self.seed = reader, n_readers, seed
-        self.filters, self.counts = dict(filters), counts
+        self.counts = counts
         self.shuffle_rows = shuffle_rows
         self.units = list(leaf.units or [])
         if not self.units:
@@ -306,7 +306,7 @@ class LeafReader:
             while self.unit_pos < len(order):
                 u = order[self.unit_pos]
                 for rec, where, line in self._read_unit(self.units[u], u, (phase - base) % stride, stride):
-                    ex = self.source._to_kept(rec, where, line, self.counts, **self.filters)
+                    ex = self.classify(rec, where, line, self.counts)
                     if ex is None:
                         misses += 1
                         if misses >= MAX_MISSES:
@@ -318,6 +318,7 @@ class LeafReader:
                                         f"'{self.leaf.lang}', the language of its unit that language temperature "
                                         "streams it under", file=where, line=line, field="lang")
                     kept, misses = True, 0
+                    self.counts["kept"] += 1
                     yield ex
                 if stride > 1:
                     base += self._rows(u)
@@ -363,14 +364,14 @@ class HubLeafReader:
     no shuffle buffer is used) plus the epoch and the number of records read.
     """
 
-    def __init__(self, leaf: Leaf, source, *, reader: int, n_readers: int, seed: int, filters: Mapping,
-                 counts: Counter, position: Mapping | None = None, shuffle_rows: bool = True):
+    def __init__(self, leaf: Leaf, classify, *, reader: int, n_readers: int, seed: int, counts: Counter,
+                 position: Mapping | None = None, shuffle_rows: bool = True):
         from datasets.distributed import split_dataset_by_node
 
         h = leaf.hub
         ds = load_hub_stream(h["path"], name=h.get("name"), split=h.get("split", "train"), data_files=h.get("data_files"))
         self.ds = split_dataset_by_node(ds, rank=reader, world_size=n_readers)
-        self.leaf, self.source, self.filters, self.counts = leaf, source, dict(filters), counts
+        self.leaf, self.classify, self.counts = leaf, classify, counts
         self.where = f"hub:{h['path']}/{h.get('split', 'train')}"
         position = dict(position or {})
         self.epoch, self.read = int(position.get("epoch", 0)), int(position.get("read", 0))
@@ -396,8 +397,9 @@ class HubLeafReader:
                 rec = {k: v[0] for k, v in row.items()}
                 self.read += 1
                 read_any = True
-                ex = self.source._to_kept(rec, self.where, self.read, self.counts, **self.filters)
+                ex = self.classify(rec, self.where, self.read, self.counts)
                 if ex is not None:
+                    self.counts["kept"] += 1
                     yield ex
             if not read_any or self.counts.get("kept", 0) == kept_before:
                 raise DataError(f"source '{self.leaf.source}' has no usable examples (counts: {dict(self.counts)})",
@@ -423,8 +425,10 @@ class ShardedPairStream(IterableDataset):
     """An endless stream of collated per-device batches read from sharded sources (see the module docstring).
 
     Args:
-        sources: source name -> source DataModule (its ``convert``/``format`` and filters are used).
+        classifiers: source name -> its :class:`~me5.data.records.RecordClassifier` (what a record must be).
         leaves: the streams the plan draws from; ``leaf_weights``: their sampling weights (>= 0).
+        formatters: source name -> its :class:`~me5.data.collate.ItemFormatter` (prompts, negatives).
+        batch_plan: the stage's :class:`~me5.batching.BatchPlan` (global batch, this rank's slice).
         readers_per_rank: ``L``; the DataLoader must have ``num_workers`` = L (or 0 when L = 1).
         start_states: ``{global reader id: {"positions": {leaf key: position}, "counts": {source: {...}}}}``
             after the last consumed batch of each reader (from the checkpoint).
@@ -432,16 +436,14 @@ class ShardedPairStream(IterableDataset):
 
     def __init__(
         self,
-        sources: Mapping,
+        classifiers: Mapping,
         leaves: Sequence[Leaf],
         leaf_weights: Sequence[float],
         *,
         collator,
-        global_batch_size: int,
-        n_negatives: int = 0,
-        require_teacher: bool = False,
+        formatters: Mapping,
+        batch_plan: BatchPlan,
         rank: int = 0,
-        world_size: int = 1,
         readers_per_rank: int = 1,
         seed: int = 0,
         homogeneous: bool = False,
@@ -457,12 +459,11 @@ class ShardedPairStream(IterableDataset):
         self.source_of_leaf = np.array([names.index(lf.source) for lf in self.leaves])
         sp = np.array([self.leaf_p[self.source_of_leaf == i].sum() for i in range(len(names))])
         self.source_p = sp / sp.sum()
-        self.sources = sources
+        self.classifiers, self.formatters = classifiers, formatters
         self.collator = collator
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // world_size
-        self.n_negatives, self.require_teacher = n_negatives, require_teacher
-        self.rank, self.world_size = rank, world_size
+        self.global_batch_size = batch_plan.global_batch_size
+        self.slots = batch_plan.rank_slice(rank)
+        self.rank, self.world_size = rank, batch_plan.world_size
         self.readers_per_rank = max(1, readers_per_rank)
         self.seed, self.homogeneous, self.start_batch = seed, homogeneous, start_batch
         self.start_states = dict(start_states or {})
@@ -479,13 +480,12 @@ class ShardedPairStream(IterableDataset):
         state = self.start_states.get(reader) or {}
         positions = state.get("positions") or {}
         counts = {name: Counter(c) for name, c in (state.get("counts") or {}).items()}
-        filters = {"n_negatives": self.n_negatives, "require_teacher": self.require_teacher}
         readers = {}
         for lf in self.leaves:
             cls = HubLeafReader if lf.hub is not None else LeafReader
-            readers[lf.key] = cls(lf, self.sources[lf.source], reader=reader,
+            readers[lf.key] = cls(lf, self.classifiers[lf.source], reader=reader,
                                   n_readers=self.world_size * self.readers_per_rank, seed=self.seed,
-                                  filters=filters, counts=counts.setdefault(lf.source, Counter()),
+                                  counts=counts.setdefault(lf.source, Counter()),
                                   position=positions.get(lf.key), shuffle_rows=self.shuffle_rows)
         return readers, counts
 
@@ -504,17 +504,16 @@ class ShardedPairStream(IterableDataset):
         first = self.start_batch + wid
         reader = self.reader_for_batch(first)
         readers, counts = self._open_readers(reader)
-        lo, hi = self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size
         b = first
         while True:
-            slots = self.plan(b)[lo:hi]
+            slots = self.plan(b)[self.slots]
             neg_rng = np.random.default_rng([self.seed, b, self.rank])
             names, exs = [], []
             for li in slots.tolist():
                 lf = self.leaves[li]
                 names.append(lf.source)
                 exs.append(readers[lf.key].next())
-            items = [self.sources[n].format(ex, n_negatives=self.n_negatives, rng=neg_rng) for n, ex in zip(names, exs)]
+            items = [self.formatters[n](ex, rng=neg_rng) for n, ex in zip(names, exs)]
             batch = self.collator(items)
             batch["batch_index"] = b
             batch["data_state"] = {

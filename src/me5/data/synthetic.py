@@ -37,14 +37,12 @@ eval split depends only on the seed and ``n_eval_queries_per_lang``, not on the 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
 import os
 import random
 import re
-import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -518,6 +516,22 @@ OUTPUT_FILES = (
 )
 
 
+def check_sample_folder(out_dir: str | os.PathLike) -> None:
+    """``out_dir`` may receive generated data: it is absent, empty, or a folder this generator wrote (it has
+    the generator's ``manifest.json``). Anything else is a :class:`DataError`: me5 never writes into a folder of
+    someone's own data."""
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError("the sample data folder is a file", file=str(out))
+    if (out / "manifest.json").is_file() or not any(out.iterdir()):
+        return
+    raise DataError("not a folder of generated sample data (no manifest.json) and not empty: the sample source "
+                    "does not write into it; to train on your own files use data=files data.pretrain.path=...",
+                    file=str(out))
+
+
 def generate_sample_data(
     out_dir: str | os.PathLike,
     *,
@@ -546,6 +560,7 @@ def generate_sample_data(
             "data.synthetic.n_eval_queries_per_lang",
             f"at most {MAX_EVAL_QUERIES_PER_LANG} (the held-out key space is ~7k triples), got {n_eval_queries_per_lang}",
         )
+    check_sample_folder(out_dir)
     out = Path(out_dir)
     params = {
         "generator_version": GENERATOR_VERSION,
@@ -620,33 +635,3 @@ def generate_sample_data(
         manifest_path, json.dumps({"params": params, "stats": stats}, ensure_ascii=False, indent=2) + "\n"
     )
     return dict(stats, out_dir=str(out), skipped=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m me5.data.synthetic", description="Generate the multilingual sample data."
-    )
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-pretrain", type=int, default=20000)
-    p.add_argument("--n-finetune", type=int, default=5000)
-    p.add_argument("--n-eval-queries-per-lang", type=int, default=60)
-    p.add_argument("--n-hard-negatives", type=int, default=3)
-    p.add_argument("--force", action="store_true", help="regenerate even if a matching manifest exists")
-    a = p.parse_args(argv)
-    stats = generate_sample_data(
-        a.out_dir,
-        seed=a.seed,
-        n_pretrain=a.n_pretrain,
-        n_finetune=a.n_finetune,
-        n_eval_queries_per_lang=a.n_eval_queries_per_lang,
-        n_hard_negatives=a.n_hard_negatives,
-        force=a.force,
-    )
-    json.dump(stats, sys.stdout, ensure_ascii=False, indent=2)
-    sys.stdout.write("\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,8 +11,9 @@ Layouts read by :func:`load_beir`:
 ``corpus.jsonl.gz`` / ``queries.jsonl.gz`` are read in place of the plain files (gzip-compressed BEIR exports).
 
 The evaluator follows unilm's ``mteb_beir_eval.py`` for mE5: passages are ``(title + " " + text).strip()``,
-queries and passages get their ``query: `` / ``passage: `` prefixes, and scores are dot products of the
-(unit) embeddings, i.e. cosines.
+queries and passages get the prompts of the model's :class:`~me5.prompts.PromptPolicy` (E5: ``query: `` /
+``passage: ``; instruct: the task's instruction on queries, nothing on passages), and scores are dot products
+of the (unit) embeddings, i.e. cosines.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from me5.data.readers import iter_jsonl
+from me5.embed.search import exact_search
 from me5.errors import ConfigError, DataError
 from me5.eval.metrics import ndcg_at_k, recall_at_k
+from me5.prompts import PromptPolicy, task_instruction
 
 log = logging.getLogger(__name__)
 
@@ -170,40 +172,6 @@ def _read_qrels(root: Path, split: str) -> dict[str, dict[str, int]]:
     return dict(qrels)
 
 
-# ---------------------------------------------------------------------------------------------- search
-@torch.no_grad()
-def exact_search(
-    queries_QD: Tensor,
-    docs_ND: Tensor,
-    k: int,
-    *,
-    device: torch.device | str | None = None,
-    query_block: int = 1024,
-    doc_block: int = 65536,
-) -> tuple[Tensor, Tensor]:
-    """Top-``k`` docs per query by dot product, scanning the corpus in blocks; returns CPU (scores, indices) (Q, k).
-
-    Memory on ``device`` is bounded by ``query_block * doc_block`` scores plus the running top-k.
-    """
-    device = torch.device(device) if device is not None else queries_QD.device
-    k = min(k, docs_ND.size(0))
-    n_q = queries_QD.size(0)
-    best_s = torch.full((n_q, k), -math.inf, device=device)
-    best_i = torch.zeros((n_q, k), dtype=torch.long, device=device)
-    q_all = queries_QD.to(device, torch.float32)
-    for d0 in range(0, docs_ND.size(0), doc_block):
-        d_blk = docs_ND[d0 : d0 + doc_block].to(device, torch.float32)
-        for q0 in range(0, n_q, query_block):
-            scores = q_all[q0 : q0 + query_block] @ d_blk.T
-            s, i = scores.topk(min(k, d_blk.size(0)), dim=1)
-            cat_s = torch.cat([best_s[q0 : q0 + query_block], s], dim=1)
-            cat_i = torch.cat([best_i[q0 : q0 + query_block], i + d0], dim=1)
-            top_s, pos = cat_s.topk(k, dim=1)
-            best_s[q0 : q0 + query_block] = top_s
-            best_i[q0 : q0 + query_block] = cat_i.gather(1, pos)
-    return best_s.cpu(), best_i.cpu()
-
-
 # ---------------------------------------------------------------------------------------------- evaluator
 class RetrievalEvaluator:
     """Embeds a corpus and its queries with an :class:`~me5.models.encoder.Encoder` and scores exact search.
@@ -212,7 +180,9 @@ class RetrievalEvaluator:
         data: one dataset (searched as a whole; per-language metrics from the queries' ``lang``) or
             {lang: dataset} (each searched in its own corpus).
         name: prefix of the metric keys (``{name}/ndcg@10``, ``{name}/{lang}/ndcg@10``).
-        query_prefix, passage_prefix: prepended to the query / passage text (mE5: ``query: `` / ``passage: ``).
+        prompts: the model's :class:`~me5.prompts.PromptPolicy` (default: E5's ``query: `` / ``passage: ``).
+        task: the task's name in :data:`me5.prompts.TASKS` (its instruction, for the instruct policy).
+        symmetric: documents are the same kind of text as queries (both get the query prompt; e.g. Quora).
         query_max_length, passage_max_length: truncation in tokens.
         batch_size: encoding batch size.
         k_values: cut-offs; nDCG@k and Recall@k are reported for each, and ``max(k_values)`` docs are retrieved.
@@ -224,8 +194,9 @@ class RetrievalEvaluator:
         data: RetrievalData | Mapping[str, RetrievalData],
         *,
         name: str = "sample",
-        query_prefix: str = "query: ",
-        passage_prefix: str = "passage: ",
+        prompts: PromptPolicy | None = None,
+        task: str = "generic",
+        symmetric: bool = False,
         query_max_length: int = 64,
         passage_max_length: int = 128,
         batch_size: int = 128,
@@ -235,7 +206,9 @@ class RetrievalEvaluator:
         if not k_values or any(int(k) < 1 for k in k_values):
             raise ConfigError("eval.k_values", f"need positive cut-offs, got {list(k_values)}")
         self.name = name
-        self.query_prefix, self.passage_prefix = query_prefix, passage_prefix
+        self.prompts = prompts or PromptPolicy("e5")
+        self.task = task
+        self.query_prefix, self.passage_prefix = self.prompts.pair(task_instruction(task), symmetric=symmetric)
         self.query_max_length, self.passage_max_length = query_max_length, passage_max_length
         self.batch_size = batch_size
         self.k_values = tuple(sorted({int(k) for k in k_values}))

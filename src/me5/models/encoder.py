@@ -7,7 +7,9 @@ One shared encoder embeds queries and passages (mE5, E5); the two sides differ o
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +24,10 @@ log = logging.getLogger(__name__)
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+# model types whose ``AutoModel`` has a pooler head (``pooler.dense``: Linear(D, D) + tanh) unless built with
+# ``add_pooling_layer=False``; me5 never uses it (it pools ``last_hidden_state``), see Encoder.pooler_state
+POOLER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
+_POOLER_KEY = re.compile(r"(^|\.)pooler\.dense\.(weight|bias)$")
 
 
 def flash_attention_available() -> bool:
@@ -79,6 +85,10 @@ class Encoder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.autocast = autocast
+        # The checkpoint's pooler head (``pooler.dense.weight``/``.bias`` on the CPU) when from_pretrained found one,
+        # else None. A plain attribute, not a module or parameter: DDP, optimisers and Lightning checkpoints never
+        # see it; only the export writes it back (me5.export), so that ``AutoModel`` finds every weight.
+        self.pooler_state: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -96,6 +106,13 @@ class Encoder(nn.Module):
         """Load a backbone by hub id (``FacebookAI/xlm-roberta-base``) or local folder, without a pooler head.
 
         ``tokenizer`` is optional and only checked: a tokenizer larger than the embedding table is an error.
+
+        Pooler head (bert, roberta, xlm-roberta): the backbone never has one (unused pooler parameters break DDP
+        without ``find_unused_parameters``). When the checkpoint holds pooler weights (an mE5 checkpoint, a me5
+        export), they are loaded with the model -- so transformers reports no unused keys -- then moved to
+        :attr:`pooler_state` and the module dropped; the export writes them back. A checkpoint without them
+        (``xlm-roberta-base``, an MLM checkpoint) is loaded with ``add_pooling_layer=False``, so transformers
+        reports no freshly initialised pooler either.
         """
         from transformers import AutoConfig, AutoModel
 
@@ -108,11 +125,20 @@ class Encoder(nn.Module):
                 f"or has no such model ({err.__class__.__name__}: {str(err).splitlines()[0]})",
             ) from err
         kwargs = {"attn_implementation": resolve_attn_implementation(attn_implementation)}
-        if config.model_type in {"xlm-roberta", "bert", "roberta"}:
-            kwargs["add_pooling_layer"] = False  # unused pooler params break DDP without find_unused_parameters
-        backbone = AutoModel.from_pretrained(name_or_path, **kwargs)
+        has_pooler = config.model_type in POOLER_MODEL_TYPES and _checkpoint_has_pooler(name_or_path)
+        if config.model_type in POOLER_MODEL_TYPES:
+            kwargs["add_pooling_layer"] = has_pooler
+        backbone, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+        pooler_state = None
+        if getattr(backbone, "pooler", None) is not None and has_pooler:
+            if not any(_POOLER_KEY.search(k) for k in info["missing_keys"]):  # loaded, not freshly initialised
+                pooler_state = {
+                    f"pooler.{k}": v.detach().cpu().clone() for k, v in backbone.pooler.state_dict().items()
+                }
+            backbone.pooler = None  # the forward skips a None pooler; no unused parameters for DDP
         _check_vocab(backbone, tokenizer)
         enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast)
+        enc.pooler_state = pooler_state
         if gradient_checkpointing:
             enc.enable_activation_checkpointing()
         return enc
@@ -158,7 +184,7 @@ class Encoder(nn.Module):
         """A randomly initialised backbone of any shape, no download and no tokenizer.
 
         ``config``: a ``transformers`` config, or a dict with ``model_type`` and the config fields (e.g. the
-        real XLM-R-large dimensions for a benchmark, :mod:`me5.bench`).
+        real XLM-R-large dimensions for a benchmark, :mod:`me5.app.bench`).
         """
         from transformers import AutoConfig, AutoModel
 
@@ -249,6 +275,34 @@ class Encoder(nn.Module):
         from me5.export import export_encoder
 
         return export_encoder(self, tokenizer, out_dir, **kwargs)
+
+
+def _checkpoint_has_pooler(name_or_path: str) -> bool:
+    """Whether the checkpoint's safetensors hold ``pooler.dense.*``, from the index or the file header only.
+
+    The file is the one ``AutoModel.from_pretrained`` reads next (a hub download lands in the cache it then uses).
+    Best effort: a ``.bin``-only checkpoint, or any failure to look, counts as "no pooler", i.e. the load of
+    before (``add_pooling_layer=False``; transformers then lists any pooler keys as UNEXPECTED) and a zero
+    pooler in the export.
+    """
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+    try:
+        index = cached_file(name_or_path, SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False)
+        if index is not None:
+            keys = json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"]
+        else:
+            single = cached_file(name_or_path, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False)
+            if single is None:
+                return False
+            from safetensors import safe_open
+
+            with safe_open(single, framework="pt") as f:
+                keys = list(f.keys())
+    except Exception as err:  # noqa: BLE001 -- only decides whether to keep an unused head
+        log.debug("could not list the weights of %s (%s); not keeping a pooler", name_or_path, err)
+        return False
+    return sum(bool(_POOLER_KEY.search(k)) for k in keys) == 2
 
 
 def _check_vocab(backbone: nn.Module, tokenizer) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from me5.errors import ConfigError, DataError
+from me5.prompts import E5_DOCUMENT, E5_QUERY
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,8 @@ CJK_SPLIT = r"[\x{3400}-\x{4dbf}\x{4e00}-\x{9fff}\x{f900}-\x{faff}\x{20000}-\x{2
 _MARKER = "\ue000"
 _KATAKANA_MARKER = "\u30fd"
 _MARKERS = (_MARKER, _KATAKANA_MARKER)
-# The E5 prefixes: fed to the trainer so that each becomes one or two pieces instead of letters.
-E5_PREFIXES = ("query: ", "passage: ")
+# The E5 prompts (me5.prompts): fed to the trainer so that each becomes one or two pieces instead of letters.
+E5_PREFIXES = (E5_QUERY, E5_DOCUMENT)
 # Very large model_max_length is the transformers default ("no limit"); always set a real one.
 DEFAULT_MAX_LENGTH = 512
 
@@ -304,12 +305,12 @@ def ensure_sample_tokenizer(
 
 
 SCRIPT_SAMPLES = {
-    "Latin": "query: The teacher wants to buy three red apple in Paris.",
-    "Cyrillic": "passage: Учитель хочет купить три красный яблоко в Париж.",
-    "CJK": "passage: 老师想在巴黎买三个红色的苹果。",
-    "Kana": "passage: 教師はパリで赤いリンゴを三つ買うつもりだ。",
-    "Arabic": "passage: يريد معلم أن يشتري ثلاثة تفاحة أحمر في باريس.",
-    "Devanagari": "passage: शिक्षक पेरिस में तीन लाल सेब खरीदना चाहता है।",
+    "Latin": E5_QUERY + "The teacher wants to buy three red apple in Paris.",
+    "Cyrillic": E5_DOCUMENT + "Учитель хочет купить три красный яблоко в Париж.",
+    "CJK": E5_DOCUMENT + "老师想在巴黎买三个红色的苹果。",
+    "Kana": E5_DOCUMENT + "教師はパリで赤いリンゴを三つ買うつもりだ。",
+    "Arabic": E5_DOCUMENT + "يريد معلم أن يشتري ثلاثة تفاحة أحمر في باريس.",
+    "Devanagari": E5_DOCUMENT + "शिक्षक पेरिस में तीन लाल सेब खरीदना चाहता है।",
 }
 
 

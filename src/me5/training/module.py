@@ -70,7 +70,9 @@ class EmbeddingModule(L.LightningModule):
         loss: the weighted loss terms of this stage.
         optimizer: ``functools.partial`` of a torch optimiser, bound here to the parameter groups
             (weight decay is not applied to biases and norms).
-        scheduler: ``functools.partial`` taking the optimiser (``me5.training.schedules.warmup_decay``) or None.
+        scheduler: ``functools.partial`` taking the optimiser (``me5.training.schedules.warmup_decay``) or None;
+            under a Trainer it also gets ``total_steps`` = the Trainer's ``max_steps``, so the schedule spans
+            the stage.
         chunk_rows / chunk_tokens: gradient caching chunk size in texts or in padded tokens; ``None`` for both
             runs one plain forward/backward over the whole per-device batch.
         sort_by_length: with gradient caching, bucket texts of similar length into the same chunk (less padding;
@@ -114,7 +116,7 @@ class EmbeddingModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         if chunk_rows is not None and chunk_tokens is not None:
-            raise ConfigError("stage.chunk_tokens", "set chunk_rows or chunk_tokens, not both")
+            raise ValueError("set chunk_rows or chunk_tokens, not both (me5.batching.BatchPlan checks the config)")
         self.chunk_rows = chunk_rows
         self.chunk_tokens = chunk_tokens
         self.sort_by_length = bool(sort_by_length)
@@ -145,7 +147,9 @@ class EmbeddingModule(L.LightningModule):
         opt = self.optimizer_factory(groups, **self._optimizer_kwargs([*decay, *no_decay]))
         if self.scheduler_factory is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+        # the schedule spans the stage: the Trainer's max_steps (stages.<stage>.max_steps), one place
+        kwargs = {"total_steps": int(self.trainer.max_steps)} if self._trainer is not None and self.trainer.max_steps > 0 else {}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt, **kwargs), "interval": "step"}}
 
     def _optimizer_kwargs(self, params: list[Tensor]) -> dict:
         if not self.fused_optimizer:

@@ -1,4 +1,4 @@
-"""One small :class:`~me5.data.base.TextPairDataModule` per data source.
+"""One small :class:`~me5.data.source.Source` per data source.
 
 ``STAGE1_SOURCES`` maps the mE5 Table 1 (stage-1 pre-training) source names to their classes; each class's
 docstring names its pair, raw origin, field mapping, language and prefix policy, and filters.

@@ -29,7 +29,7 @@ class CCNewsPairs(RawPairSource):
     default_path = "intfloat/multilingual_cc_news"
     default_lang = "und"
     file_lang_pattern = r"(?:^|/)(?:19|20)\d\d/(?P<lang>[a-z]{2,3})\.jsonl(?:\.gz)?$"
-    instruction = "Given a news headline, retrieve the news article"
+    task = "cc_news"
 
     def pair(self, record: Mapping) -> Mapping:
         return {"query": get_text(record, "title"), "positive": get_text(record, "maintext")}

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from me5.data.base import TextPairDataModule
+from me5.data.source import Source
 from me5.errors import DataError
 
 
-class ColumnPairs(TextPairDataModule):
+class ColumnPairs(Source):
     """Reads ``query``/``positive``/``negatives``/``teacher_scores``/``lang`` from the columns named in ``columns``.
 
     Args:
         columns: schema field -> raw column, e.g. ``{query: title, positive: text}``. Unmapped schema fields are
             read under their own name when present.
-        instruction: the task definition used with the instruction prompt style (mE5-large-instruct).
+        kwargs: the :class:`~me5.data.source.Source` arguments (``task``/``instruction``, ``symmetric``, ...).
     """
 
     def __init__(self, path: str | None = None, *, columns: Mapping[str, str] | None = None, **kwargs):

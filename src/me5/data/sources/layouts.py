@@ -131,7 +131,7 @@ def triplet_fields(record: Mapping) -> dict:
 class SupervisedPairs(RawPairSource):
     """Base of the stage-2 sources: a record in any layout of this module's table (see the module docstring).
 
-    Subclasses set the :class:`~me5.data.base.TextPairDataModule` attributes and, as for every raw source
+    Subclasses set the :class:`~me5.data.source.Source` attributes and, as for every raw source
     (:class:`~me5.data.sources.raw.RawPairSource`), ``default_hub_config`` (used with the default hub id only) and
     the language policy (a record's ``lang``, then ``lang``, then the hub config's language, then ``default_lang``).
     A source whose dataset has a layout of its own overrides :meth:`pair` and defers to this one for the rest.

@@ -41,7 +41,7 @@ class MC4Pairs(RawPairSource):
     configs_are_langs = True
     default_lang = "en"
     file_lang_pattern = r"(?:^|/)c4-(?P<lang>[A-Za-z]{2,3}(?:-Latn)?)(?:-validation)?\.tfrecord-[^/]*$"
-    instruction = "Given the title of a web page, retrieve the content of that page"
+    task = "mc4"
     max_title_chars = 200
 
     def __init__(self, path: str | None = None, *, title_from: str = "first_line", max_title_chars: int | None = None, **kwargs):

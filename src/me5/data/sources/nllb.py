@@ -33,7 +33,7 @@ class NLLBPairs(RawPairSource):
     # one file per pair named by its config (eng_Latn-fra_Latn.jsonl): its records' "<src>-<tgt>" language
     file_lang_pattern = r"(?:^|/)(?P<lang>[a-z]{3}_[A-Z][a-z]{3}-[a-z]{3}_[A-Z][a-z]{3})\.jsonl(?:\.gz)?$"
     symmetric = True
-    instruction = "Retrieve parallel sentences."
+    task = "nllb"
 
     def __init__(
         self,

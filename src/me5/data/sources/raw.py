@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from me5.data.base import TextPairDataModule
+from me5.data.source import Source
 from me5.errors import DataError, SkipRecord
 
 RECORD_LANG_FIELDS = ("lang", "language")
@@ -78,11 +78,11 @@ def require_mapping(record: Any) -> Mapping:
     return record
 
 
-class RawPairSource(TextPairDataModule):
-    """A :class:`TextPairDataModule` whose records are in a source's raw layout (see the module docstring).
+class RawPairSource(Source):
+    """A :class:`~me5.data.source.Source` whose records are in a source's raw layout (see the module docstring).
 
     Subclasses set the usual class attributes (``source_name``, ``default_path``, ``default_lang``, prefixes,
-    ``symmetric``, ``instruction``), optionally ``default_hub_config``, and implement :meth:`pair`.
+    ``symmetric``, ``task``), optionally ``default_hub_config``, and implement :meth:`pair`.
     """
 
     default_hub_config: str | None = None

@@ -37,7 +37,7 @@ class RedditPairs(RawPairSource):
     default_path = None
     default_lang = "en"
     one_language_per_file = True
-    instruction = "Given a Reddit comment, retrieve a reply to it"
+    task = "reddit"
     comment_field = "comment"
     response_field = "response"
     max_comment_chars = 4096

@@ -7,19 +7,19 @@ from collections.abc import Mapping
 from me5.data.sources.raw import RawPairSource, get_field, get_text, nonempty
 from me5.errors import ConfigError, DataError, SkipRecord
 
-# mode -> (hub config, query field, positive field, instruction, symmetric)
+# mode -> (hub config, query field, positive field, task (me5.prompts.TASKS), symmetric)
 MODES = {
     "title-abstract": (
         "title-abstract-pair", "title", "abstract",
-        "Given the title of a scientific paper, retrieve the abstract of that paper", False,
+        "s2orc", False,
     ),
     "title-citation": (
         "title-citation-pair", "title", "citation",
-        "Given the title of a scientific paper, retrieve the titles of papers it cites", True,
+        "s2orc_title_citation", True,
     ),
     "abstract-citation": (
         "abstract-citation-pair", "abstract", "citation",
-        "Given the abstract of a scientific paper, retrieve the abstracts of papers it cites", True,
+        "s2orc_abstract_citation", True,
     ),
 }
 
@@ -51,7 +51,7 @@ class S2ORCPairs(RawPairSource):
         if mode not in MODES:
             raise ConfigError("data.mode", f"unknown '{mode}'; choose one of {sorted(MODES)}")
         self.mode = mode
-        self.default_hub_config, self.query_field, self.positive_field, self.instruction, self.symmetric = MODES[mode]
+        self.default_hub_config, self.query_field, self.positive_field, self.task, self.symmetric = MODES[mode]
         super().__init__(path, **kwargs)
 
     def pair(self, record: Mapping) -> Mapping:

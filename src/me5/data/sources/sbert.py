@@ -40,7 +40,7 @@ class SbertPairs(RawPairSource):
     default_path = "sentence-transformers/embedding-training-data"
     default_lang = "en"
     one_language_per_file = True
-    instruction = "Given a text, retrieve a text that is semantically related to it"
+    task = "sbert"
 
     def convert(self, record) -> Mapping:
         if isinstance(record, list):  # pair / triplet lines are JSON arrays (their skips are named anchor/positive)

@@ -37,7 +37,7 @@ class StackExchangePairs(RawPairSource):
     default_path = "flax-sentence-embeddings/stackexchange_title_best_voted_answer_jsonl"
     default_lang = "en"
     one_language_per_file = True
-    instruction = "Given a question from a Stack Exchange site, retrieve the most upvoted answer"
+    task = "stackexchange"
     question_fields = ("title_body", "title")
     answer_field = "upvoted_answer"
     negative_field = "downvoted_answer"

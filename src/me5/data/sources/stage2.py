@@ -25,9 +25,6 @@ from me5.data.sources.nllb import NLLBPairs
 from me5.data.sources.raw import RawPairSource, get_text
 from me5.errors import ConfigError
 
-WIKI_QA = "Retrieve Wikipedia passages that answer the question"
-WIKI_QUESTION = "Given a question, retrieve Wikipedia passages that answer the question"
-
 
 class MSMarcoPassage(SupervisedPairs):
     """MS MARCO passage ranking: (web search query, relevant passage), with the given hard negatives.
@@ -40,7 +37,7 @@ class MSMarcoPassage(SupervisedPairs):
     source_name = "msmarco_passage"
     default_path = "Tevatron/msmarco-passage"
     default_lang = "en"
-    instruction = "Given a web search query, retrieve relevant passages that answer the query"
+    task = "msmarco_passage"
 
 
 class MSMarcoDocument(SupervisedPairs):
@@ -56,7 +53,7 @@ class MSMarcoDocument(SupervisedPairs):
     source_name = "msmarco_document"
     default_path = "./data/echo-data/msmarco_document.jsonl"
     default_lang = "en"
-    instruction = "Given a web search query, retrieve relevant documents that answer the query"
+    task = "msmarco_document"
 
 
 class NaturalQuestions(SupervisedPairs):
@@ -69,7 +66,7 @@ class NaturalQuestions(SupervisedPairs):
     source_name = "nq"
     default_path = "Tevatron/wikipedia-nq"
     default_lang = "en"
-    instruction = WIKI_QUESTION
+    task = "nq"
 
 
 class TriviaQA(SupervisedPairs):
@@ -81,7 +78,7 @@ class TriviaQA(SupervisedPairs):
     source_name = "triviaqa"
     default_path = "Tevatron/wikipedia-trivia"
     default_lang = "en"
-    instruction = WIKI_QA
+    task = "triviaqa"
 
 
 class SQuAD(SupervisedPairs):
@@ -95,7 +92,7 @@ class SQuAD(SupervisedPairs):
     source_name = "squad"
     default_path = "rajpurkar/squad"
     default_lang = "en"
-    instruction = WIKI_QA
+    task = "squad"
 
     def pair(self, record: Mapping) -> Mapping:
         if "context" not in record:
@@ -118,7 +115,7 @@ class NLI(SupervisedPairs):
     default_hub_config = "triplet"
     default_lang = "en"
     symmetric = True
-    instruction = "Retrieve semantically similar text."
+    task = "nli"
 
 
 class ELI5(SupervisedPairs):
@@ -132,7 +129,7 @@ class ELI5(SupervisedPairs):
     source_name = "eli5"
     default_path = "sentence-transformers/eli5"
     default_lang = "en"
-    instruction = "Provided a user question, retrieve the highest voted answers on Reddit ELI5 forum"
+    task = "eli5"
 
     def pair(self, record: Mapping) -> Mapping:
         if "answer" not in record:
@@ -151,7 +148,7 @@ class DuReader(SupervisedPairs):
     source_name = "dureader"
     default_path = "zyznull/dureader-retrieval-ranking"
     default_lang = "zh"
-    instruction = "Given a Chinese search query, retrieve web passages that answer the question"
+    task = "dureader"
 
 
 class FEVER(SupervisedPairs):
@@ -166,7 +163,7 @@ class FEVER(SupervisedPairs):
     default_path = "BeastyZ/E5-R"
     default_hub_config = "fever"
     default_lang = "en"
-    instruction = "Given a claim, retrieve documents that support or refute the claim"
+    task = "fever"
 
 
 class HotpotQA(SupervisedPairs):
@@ -180,7 +177,7 @@ class HotpotQA(SupervisedPairs):
     default_path = "BeastyZ/E5-R"
     default_hub_config = "hotpot_qa"
     default_lang = "en"
-    instruction = "Given a multi-hop question, retrieve documents that can help answer the question"
+    task = "hotpotqa"
 
 
 class QuoraDuplicates(SupervisedPairs):
@@ -196,7 +193,7 @@ class QuoraDuplicates(SupervisedPairs):
     default_hub_config = "triplet"
     default_lang = "en"
     symmetric = True
-    instruction = "Given a question, retrieve questions that are semantically equivalent to the given question"
+    task = "quora"
 
 
 #: castorini/mr-tydi config name -> ISO 639-1 ("combined": all eleven languages, records carry no language)
@@ -220,7 +217,7 @@ class MrTyDi(SupervisedPairs):
     default_hub_config = "combined"
     default_lang = "mul"
     one_language_per_file = False
-    instruction = WIKI_QUESTION
+    task = "mrtydi"
 
     def lang_of_config(self, hub_config: str) -> str | None:
         if hub_config not in MRTYDI_LANGS:
@@ -242,7 +239,7 @@ class MIRACL(SupervisedPairs):
     default_lang = "und"
     configs_are_langs = True
     one_language_per_file = False
-    instruction = WIKI_QUESTION
+    task = "miracl"
 
 
 class NLLBSupervised(NLLBPairs):

@@ -39,7 +39,7 @@ class WikipediaPairs(RawPairSource):
     default_hub_config = "20231101.en"
     default_lang = "en"
     file_lang_pattern = r"(?:^|/)\d{8}\.(?P<lang>[A-Za-z][A-Za-z0-9_-]*)/[^/]+$"
-    instruction = "Given a Wikipedia section title, retrieve the passage of that section"
+    task = "wikipedia"
     section_fields = ("section_titles", "section_title", "section", "sections", "headings")
     section_sep = " > "
 

@@ -28,7 +28,7 @@ class XP3Pairs(RawPairSource):
     configs_are_langs = True
     default_lang = "und"
     file_lang_pattern = r"(?:^|/)(?P<lang>[A-Za-z][A-Za-z0-9_-]*)/merged_(?P=lang)\.jsonl(?:\.gz)?$"
-    instruction = "Given an instruction or question, retrieve the response to it"
+    task = "xp3"
 
     def pair(self, record: Mapping) -> Mapping:
         return {"query": get_text(record, "inputs"), "positive": get_text(record, "targets")}

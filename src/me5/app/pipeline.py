@@ -1,0 +1,242 @@
+"""The pieces the Hydra app composes: config checks, the batch plans, building, evaluation, results.
+
+Kept apart from ``train.py`` so that the app stays a thin sequence of calls. :func:`check_run` runs every
+check that needs no data and no model (fields, schedules, world size, data paths, evaluation folders) and
+returns what the run needs to start; nothing heavy (data generation, tokenizer training, evaluation, a W&B
+run) happens before it has passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from me5.batching import BatchPlan
+from me5.errors import ConfigError, DataError, Me5Error
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "finetune")
+
+
+def build(node, **kwargs):
+    """``hydra.utils.instantiate`` that re-raises a me5 error of the target as itself (field/file named, exit 2)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, Me5Error):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def stage_order(stages) -> list[str]:
+    """The configured stages in pipeline order."""
+    return [s for s in STAGES if s in stages]
+
+
+def validate_config(cfg) -> list[str]:
+    """Reject unknown or contradictory settings before anything is built; each error names its field."""
+    stages = list(cfg.get("stages") or {})
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"stages.{unknown[0]}", f"unknown stage; stages are {list(STAGES)}")
+    if not stages:
+        raise ConfigError("stage", "no stage selected (e.g. stage=[pretrain,finetune])")
+    terms = cfg.loss.get("terms") or {}
+    for tname, tcfg in terms.items():
+        for sname, w in (tcfg.get("weight") or {}).items():
+            if sname not in STAGES:
+                raise ConfigError(f"loss.terms.{tname}.weight.{sname}", f"unknown stage; stages are {list(STAGES)}")
+            if not (float(w) >= 0):
+                raise ConfigError(f"loss.terms.{tname}.weight.{sname}", f"must be >= 0, got {w}")
+    build(cfg.prompts)  # an unknown prompt style names prompts.style
+    if float(cfg.loss.temperature) <= 0:
+        raise ConfigError("loss.temperature", f"must be > 0, got {cfg.loss.temperature}")
+    for s in stages:
+        scfg = cfg.stages[s]
+        if s not in (cfg.data or {}):
+            raise ConfigError(f"data.{s}", f"the data config '{cfg.data.get('name')}' has no data for stage {s}")
+        for key in [k for k in cfg.data[s] if not str(k).startswith("_")]:
+            if OmegaConf.is_missing(cfg.data[s], key):
+                raise ConfigError(f"data.{s}.{key}", f"must be given for stage {s} (e.g. data.{s}.{key}=/my/pairs.jsonl)")
+        if not any(float((t.get("weight") or {}).get(s, 0)) > 0 for t in terms.values()):
+            raise ConfigError(f"loss.terms.*.weight.{s}", f"no loss term has a positive weight in stage {s}")
+        _check_schedule(scfg, f"stages.{s}")
+        if int(scfg.n_negatives) < 0:
+            raise ConfigError(f"stages.{s}.n_negatives", "must be >= 0")
+        BatchPlan.build(**_plan_fields(scfg), world_size=1, where=f"stages.{s}")  # field checks; world size later
+    return stages
+
+
+def _check_schedule(scfg, where: str) -> None:
+    """Steps, warm-up and LR of a stage: each set once (``stages.<stage>.*``) and consistent."""
+    steps, warmup = int(scfg.max_steps), int(scfg.warmup_steps)
+    if steps < 1:
+        raise ConfigError(f"{where}.max_steps", f"must be >= 1, got {scfg.max_steps}")
+    if warmup < 0:
+        raise ConfigError(f"{where}.warmup_steps", f"must be >= 0, got {warmup}")
+    if warmup > steps:
+        raise ConfigError(f"{where}.warmup_steps", f"{warmup} warm-up steps is longer than the stage "
+                                                   f"({where}.max_steps={steps})")
+    if not float(scfg.lr) > 0:
+        raise ConfigError(f"{where}.lr", f"must be > 0, got {scfg.lr}")
+    sched = scfg.module.get("scheduler")
+    if sched is not None and "total_steps" in sched:
+        raise ConfigError(f"{where}.module.scheduler.total_steps", f"the schedule spans the stage: set {where}.max_steps")
+
+
+def _plan_fields(scfg) -> dict:
+    return {k: scfg.get(k) for k in ("global_batch_size", "per_device_batch_size", "chunk_rows", "chunk_tokens")}
+
+
+def trainer_world_size(trainer_cfg) -> int:
+    """The number of processes the configured Trainer will run (devices x nodes), without starting any."""
+    trainer = build(trainer_cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False)
+    return int(trainer.world_size)
+
+
+def batch_plans(cfg, stages, world_size: int) -> dict[str, BatchPlan]:
+    """Each stage's :class:`~me5.batching.BatchPlan` on ``world_size`` devices."""
+    return {s: BatchPlan.build(**_plan_fields(cfg.stages[s]), world_size=world_size, where=f"stages.{s}")
+            for s in stages}
+
+
+@dataclass
+class RunPlan:
+    """What :func:`check_run` hands the app: the stages, their batch plans, DataModules and the prompt policy."""
+
+    stages: list[str]
+    plans: dict[str, BatchPlan]
+    datamodules: dict
+    prompts: object
+
+
+def check_run(cfg: DictConfig) -> RunPlan:
+    """Every check that needs no data and no model, in the order a user would fix them (see module docstring)."""
+    stages = stage_order(validate_config(cfg))
+    prompts = build(cfg.prompts)
+    plans = batch_plans(cfg, stages, trainer_world_size(cfg.trainer))
+    datamodules = {s: build(cfg.data[s]) for s in stages}
+    generated: list[Path] = []
+    for dm in datamodules.values():
+        dm.check()
+        generated += [Path(p) for src in dm.sources().values() for p in src.generates()]
+    for name, ev in (cfg.eval or {}).items():
+        data_dir = (ev.get("data") or {}).get("data_dir")
+        if data_dir is not None and not Path(data_dir).is_dir() and not _inside(Path(data_dir), generated):
+            raise DataError(f"no such evaluation data folder (eval.{name}.data.data_dir)", file=str(data_dir))
+    for s in stages:
+        check_init_from(cfg.stages[s].get("init_from"), f"stages.{s}.init_from")
+    return RunPlan(stages, plans, datamodules, prompts)
+
+
+def _inside(path: Path, roots) -> bool:
+    path = path.resolve()
+    return any(path == r.resolve() or r.resolve() in path.parents for r in roots)
+
+
+def check_init_from(init_from, field: str) -> None:
+    if init_from is None:
+        return
+    path = Path(str(init_from))
+    if path.is_dir():
+        return
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise ConfigError(field, f"no such checkpoint: {path}")
+        return
+    raise ConfigError(field, f"'{path}' is neither an exported model folder nor a .ckpt file")
+
+
+def build_encoder(encoder_factory, tokenizer, *, init_from: str | None = None, previous=None):
+    """The stage's encoder: the previous stage's (same job), ``init_from`` (HF folder or .ckpt), or the config's."""
+    from me5.models.encoder import Encoder
+
+    if init_from is None and previous is not None:
+        return previous
+    kwargs = {k: v for k, v in encoder_factory.items() if k in ("pooling", "normalize", "attn_implementation", "gradient_checkpointing")}
+    if init_from is not None:
+        path = Path(str(init_from))
+        if path.is_dir():
+            return Encoder.from_pretrained(str(path), tokenizer=tokenizer, **kwargs)
+        encoder = build(encoder_factory)(tokenizer=tokenizer)
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
+        return encoder
+    return build(encoder_factory)(tokenizer=tokenizer)
+
+
+def build_loss(terms_cfg: Mapping, stage: str):
+    """The stage's :class:`~me5.losses.WeightedLoss`: every term with a positive weight for ``stage``."""
+    from me5.losses import WeightedLoss
+
+    terms, weights = {}, {}
+    for name, tcfg in terms_cfg.items():
+        w = float((tcfg.get("weight") or {}).get(stage, 0.0))
+        if w > 0:
+            terms[name] = build(tcfg.term)
+            weights[name] = w
+    return WeightedLoss(terms, weights)
+
+
+def build_callbacks(callbacks_cfg, **runtime) -> list:
+    """The ``callbacks`` group's callbacks; a field left ``???`` in the config is bound from ``runtime``
+    (``dirpath``, ``run_config``, ``meta``: they exist only once the run does)."""
+    out = []
+    for name, node in (callbacks_cfg or {}).items():
+        if node is None:
+            continue
+        kwargs = {}
+        for key in node:
+            if OmegaConf.is_missing(node, key):
+                if key not in runtime:
+                    raise ConfigError(f"callbacks.{name}.{key}", f"must be set (the app binds only {sorted(runtime)})")
+                kwargs[key] = runtime[key]
+        # not recursive: the bound run config holds _target_ nodes that must stay data
+        out.append(build(node, _recursive_=False, **kwargs))
+    return out
+
+
+def evaluate_all(evaluators: Mapping, encoder, tokenizer) -> dict[str, float]:
+    """Run every evaluator on the encoder's device; merged flat metrics."""
+    device = next(encoder.parameters()).device
+    out: dict[str, float] = {}
+    for ev in evaluators.values():
+        out.update(ev.evaluate(encoder, tokenizer, device=device, show_progress=True))
+    return out
+
+
+def finish_loggers(loggers) -> None:
+    """Flush every logger; close W&B runs so the next stage starts its own run."""
+    for lg in loggers:
+        lg.finalize("success")
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+
+
+def write_results(out_dir: Path, results: Mapping, *, meta: Mapping, timings: Mapping, data_counts: Mapping) -> Path:
+    """Write ``metrics.json`` and ``results.md`` and print the results table."""
+    from me5.eval.retrieval import format_table
+
+    table = format_table(dict(results)) if results else "(no evaluation configured)"
+    payload = {"results": results, "timings_s": timings, "data_counts": data_counts, "meta": meta}
+    path = Path(out_dir) / "metrics.json"
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
+    (Path(out_dir) / "results.md").write_text(table + "\n")
+    print("\n" + table + f"\n\nmetrics: {path}\n")
+    return path

@@ -1,0 +1,160 @@
+"""``python -m me5.prepare``: raw sources -> sharded parquet files of the normalised schema.
+
+For each source (a source class and its raw path, or a config of several) it writes
+
+* ``OUT/<source>/part-<input>-<shard>.parquet``: columns ``query, positive, negatives, teacher_scores, lang,
+  source``; each shard's rows shuffled (seeded), in row groups of ``--row-group-rows`` rows (the units the
+  streaming readers share out); with ``--split-langs`` every row group holds **one language**, which language
+  temperature needs when streaming (each language is then its own stream, and a worker holds one row group
+  per language and source: lower ``--row-group-rows`` when there are hundreds);
+* ``OUT/<source>/shards.json``: the shard manifest the streaming readers plan from (no footer reads);
+* ``OUT/<source>/stats.json`` and ``OUT/stats.json``: read / kept / skipped-by-reason counts per source and per
+  language, also printed as a table.
+
+Optional steps from the English E5 recipe (arXiv 2212.03533):
+
+* ``--eval-sets DIR ...``: drop pairs whose query or positive passage appears in an evaluation set (BEIR
+  layout: ``corpus.jsonl``/``queries.jsonl``, or per-language subfolders as MIRACL); exact match after
+  whitespace normalisation (``skipped/eval_overlap``);
+* ``--consistency-model PATH``: keep a pair only when its positive ranks in the top ``--consistency-top-k``
+  (default 2) among itself and a random pool of ``--consistency-pool`` passages of the same source, scored by an
+  existing model (an exported me5 folder or any ``Encoder.from_pretrained`` path; E5 used a 1M pool)
+  (``skipped/inconsistent``). ``--prompt-style`` (``e5``, ``instruct`` or ``none``; default ``e5``) is the prompt
+  style that model was trained with: its query and passage prompts follow each source's task (its instruction,
+  and ``symmetric``), as in training.
+
+Bad data is skipped and counted per reason (``undecodable``, ``malformed_json``, ``missing_field``,
+``empty_text``, ``bad_type``, ``bad_teacher_scores``, ``malformed``, ``too_long``, ``wrong_language`` with
+``--langs``, and the reasons a source's ``convert`` gives; the same reasons as the training loader's, see
+``me5.data.records``), or with ``--strict`` stops with an error naming file:line.
+
+Interrupted runs resume: each input file has a progress marker (``_progress/<input>.json``) holding the input
+position after the last written shard and the counts so far; shards are written atomically, so a rerun skips
+finished inputs and continues the others where their last shard ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from me5.data.shards import PrepareOptions, format_stats, prepare
+from me5.errors import ConfigError, Me5Error
+from me5.prompts import STYLES
+
+
+def _import(dotted: str):
+    mod, _, attr = dotted.rpartition(".")
+    if not mod:
+        raise ConfigError("prepare.source", f"'{dotted}' is not a dotted class path (e.g. me5.data.source.Source)")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError("prepare.source", f"cannot import '{dotted}' ({err})") from err
+
+
+def _parse_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def build_sources(args) -> tuple[dict[str, object], dict]:
+    """The sources (and config-file options) named on the command line."""
+    if args.config:
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(args.config)
+        if "sources" not in cfg:
+            raise ConfigError("prepare.sources", f"{args.config} has no 'sources' mapping")
+        names = list(cfg.sources)
+        if args.only:
+            unknown = set(args.only) - set(names)
+            if unknown:
+                raise ConfigError("prepare.only", f"no source {sorted(unknown)} in {args.config}; sources: {names}")
+            names = [n for n in names if n in args.only]
+        sources = {}
+        for n in names:
+            node = cfg.sources[n]
+            if "_target_" not in node:
+                raise ConfigError(f"prepare.sources.{n}", "needs a _target_ (the source class)")
+            sources[n] = instantiate(node, name=n) if "name" not in node else instantiate(node)
+        opts = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "sources"}
+        return sources, opts
+    if not args.source or not args.raw:
+        raise ConfigError("prepare", "give --source CLASS --raw PATH, or --config FILE")
+    cls = _import(args.source)
+    kwargs = {}
+    for kv in args.source_arg or []:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise ConfigError("prepare.source_arg", f"expected key=value, got '{kv}'")
+        kwargs[k] = _parse_value(v)
+    src = cls(args.raw, **kwargs)
+    return {args.name or src.name: src}, {}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m me5.prepare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (one subfolder per source)")
+    p.add_argument("--source", help="source class, e.g. me5.data.sources.columns.ColumnPairs")
+    p.add_argument("--raw", help="the source's raw path (file, folder or hub id)")
+    p.add_argument("--name", help="output name of the source (default: its source_name)")
+    p.add_argument("--source-arg", action="append", metavar="KEY=VALUE", help="constructor argument (YAML value)")
+    p.add_argument("--config", help="YAML with 'sources: {name: {_target_: CLASS, path: ..., ...}}' and options")
+    p.add_argument("--only", nargs="+", help="with --config: prepare only these sources")
+    p.add_argument("--shard-rows", type=int)
+    p.add_argument("--row-group-rows", type=int)
+    p.add_argument("--max-chars", type=int)
+    p.add_argument("--langs", help="comma-separated language codes to keep (script-checked)")
+    p.add_argument("--eval-sets", nargs="+", help="BEIR folders whose queries/passages are removed by exact match")
+    p.add_argument("--consistency-model", help="exported me5 folder or Encoder.from_pretrained path")
+    p.add_argument("--consistency-top-k", type=int)
+    p.add_argument("--consistency-pool", type=int)
+    p.add_argument("--consistency-batch-size", type=int)
+    p.add_argument("--consistency-max-length", type=int)
+    p.add_argument("--prompt-style", choices=STYLES,
+                   help="the prompt style the consistency model was trained with (default: e5)")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-shards", type=int, help="stop after writing this many shards (rerun to continue)")
+    p.add_argument("--split-langs", action="store_true", help="single-language row groups (language temperature)")
+    p.add_argument("--strict", action="store_true", help="a bad record is an error naming file:line")
+    p.add_argument("--force", action="store_true", help="start over (delete the sources' output folders)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sources, cfg_opts = build_sources(args)
+        fields = {f.name for f in PrepareOptions.__dataclass_fields__.values()}
+        unknown = set(cfg_opts) - fields
+        if unknown:
+            raise ConfigError(f"prepare.{sorted(unknown)[0]}", f"unknown option; options: {sorted(fields)}")
+        opts = PrepareOptions(**cfg_opts)
+        for name in fields:
+            v = getattr(args, name, None)
+            if v is not None and v is not False:
+                setattr(opts, name, v)
+        if isinstance(opts.langs, str):
+            opts.langs = [x.strip() for x in opts.langs.split(",") if x.strip()]
+        opts.progress = not args.no_progress and opts.progress
+        stats = prepare(sources, args.out, opts)
+    except Me5Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_stats(stats))
+    if stats.get("_stopped"):
+        print(f"\nstopped after {opts.max_shards} shard(s); run the same command again to continue")
+    else:
+        print(f"\nstats: {Path(args.out) / 'stats.json'}")
+    return 0
+

@@ -1,0 +1,173 @@
+"""The Hydra application: ``python -m me5.train [overrides]``.
+
+Checks the whole configuration first (fields, schedules, batch plans on the trainer's world size, data paths,
+evaluation folders: :func:`me5.app.pipeline.check_run`), then runs the configured stages in order (default:
+pre-training, then fine-tuning from its weights), evaluates the untrained encoder and each stage's result,
+exports each stage's encoder, and writes ``metrics.json`` and a results table into the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from me5.distributed import shutdown_process_group
+from me5.errors import Me5Error
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+log = logging.getLogger("me5.train")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        results = run(cfg)
+    except Me5Error as err:
+        # a bad config or bad data: the message names the field/file/line; no traceback, exit status 2
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    # the sweep objective (e.g. for Optuna): the last stage's main score
+    last = results.get("finetune") or results.get("pretrain") or {}
+    return next((v for k, v in last.items() if k.endswith("ndcg@10") and k.count("/") == 1), None)
+
+
+def main() -> None:
+    """Console entry point; a bad config or bad data exits 2 with the message, no traceback."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        _hydra_main()
+    finally:  # multi-process runs: no gloo teardown abort at exit (see me5.distributed.shutdown_process_group)
+        shutdown_process_group()
+
+
+def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Run every configured stage; return ``{row: {metric: value}}`` (rows: untrained, pretrain, finetune)."""
+    import lightning as L
+
+    from me5.app.pipeline import (
+        build,
+        build_callbacks,
+        build_encoder,
+        build_loss,
+        check_run,
+        evaluate_all,
+        finish_loggers,
+        write_results,
+    )
+    from me5.app.runinfo import flatten, git_info, parameter_counts
+
+    plan = check_run(cfg)  # every check before any heavy work: a failed one leaves only Hydra's files behind
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    config = resolved_config(cfg)
+    meta = {"git": git_info(), "run_dir": str(out_dir), "command": " ".join(sys.argv)}
+    run_name = sweep_run_name(cfg.run_name)
+    results: dict[str, dict[str, float]] = {}
+    timings: dict[str, float] = {}
+    data_counts: dict[str, dict[str, int]] = {}
+    encoder = tokenizer = evaluators = trainer = None
+    for name in plan.stages:
+        scfg, batch_plan, datamodule = cfg.stages[name], plan.plans[name], plan.datamodules[name]
+        t0 = time.perf_counter()
+        datamodule.prepare_data()
+        if tokenizer is None:
+            tokenizer = build(cfg.model.tokenizer)
+        if evaluators is None:
+            evaluators = {k: build(v, prompts=plan.prompts) for k, v in cfg.eval.items()}
+        encoder = build_encoder(cfg.model.encoder, tokenizer, init_from=scfg.init_from, previous=encoder)
+        meta["parameters"] = parameter_counts(encoder)
+        if cfg.eval_baseline and not results and evaluators:
+            results["untrained"] = evaluate_all(evaluators, encoder, tokenizer)
+        loss = build_loss(cfg.loss.terms, name)
+        datamodule.connect(
+            tokenizer, batch_plan=batch_plan, n_negatives=scfg.n_negatives, require_teacher=loss.requires_teacher,
+            query_max_length=scfg.query_max_length, passage_max_length=scfg.passage_max_length, prompts=plan.prompts,
+        )
+        module = build(scfg.module, encoder=encoder, loss=loss, tokenizer=tokenizer,
+                       evaluators=evaluators if scfg.val_every else {},
+                       chunk_rows=batch_plan.chunk_rows, chunk_tokens=batch_plan.chunk_tokens)
+        logger = build(
+            cfg.logger, save_dir=str(out_dir), run_name=run_name, stage=name,
+            **({"group": sweep_group(cfg.logger.get("group"), cfg.run_name)} if "group" in cfg.logger else {}),
+            hparams={**flatten(config), "stage": name, "git.sha": meta["git"]["sha"], "git.dirty": meta["git"]["dirty"],
+                     **{f"parameters.{k}": v for k, v in meta["parameters"].items()}},
+        )
+        ckpt_dir = out_dir / "checkpoints" / name
+        callbacks = build_callbacks(cfg.callbacks, dirpath=str(ckpt_dir), run_config=config, meta=meta)
+        trainer = build(
+            cfg.trainer, max_steps=scfg.max_steps, logger=logger, callbacks=callbacks, default_root_dir=str(out_dir),
+            val_check_interval=scfg.val_every, limit_val_batches=1.0 if scfg.val_every else 0,
+        )
+        ckpt = ckpt_dir / "last.ckpt"
+        resume = str(ckpt) if cfg.resume and ckpt.exists() else None
+        if resume:
+            log.info("resuming stage %s from %s", name, resume)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        data_counts[name] = datamodule.data_counts()
+        for lg in trainer.loggers:
+            lg.log_metrics({f"data/{k}": float(v) for k, v in data_counts[name].items()}, step=trainer.global_step)
+        timings[f"{name}/train_s"] = round(time.perf_counter() - t0, 1)
+        if trainer.is_global_zero:
+            if evaluators:
+                results[name] = evaluate_all(evaluators, encoder, tokenizer)
+                for lg in trainer.loggers:
+                    lg.log_metrics({f"test/{k}": v for k, v in results[name].items()}, step=trainer.global_step)
+            export_dir = out_dir / "export" / name
+            encoder.save_pretrained(export_dir, tokenizer, prompts=plan.prompts,
+                                    extra_metadata={"stage": name, "git": meta["git"]})
+            log.info("exported the %s encoder to %s", name, export_dir)
+        finish_loggers(trainer.loggers)
+    if evaluators is not None and trainer.is_global_zero:
+        write_results(out_dir, results, meta=meta, timings=timings, data_counts=data_counts)
+    return results
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The resolved config as plain containers; a field left ``???`` (bound at run time, or a stage that does
+    not run) becomes ``None``."""
+
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return None if x == "???" else x
+
+    return clean(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
+
+
+def _sweep() -> tuple[int, str] | None:
+    """``(job number, sweep folder name)`` inside a Hydra multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return int(hc.job.num), Path(hc.sweep.dir).name
+    return None
+
+
+def sweep_run_name(run_name: str) -> str:
+    """In a multirun, ``<run_name>-<job number>``; otherwise ``run_name``."""
+    sweep = _sweep()
+    return f"{run_name}-{sweep[0]}" if sweep else run_name
+
+
+def sweep_group(group: str | None, run_name: str) -> str:
+    """The W&B group: a sweep's runs share ``<group>@<sweep time>``, so each sweep is one group."""
+    sweep = _sweep()
+    base = group or run_name
+    return f"{base}@{sweep[1]}" if sweep else base
+
+
+if __name__ == "__main__":
+    main()

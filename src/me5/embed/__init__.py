@@ -1,0 +1,1 @@
+"""Embed and search: the code that evaluation, mining and the consistency filter share."""
