@@ -14,10 +14,11 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from me5.errors import ConfigError, Me5Error
+from me5.errors import ConfigError, DataError, Me5Error
 from me5.prompts import STYLES, TASKS, PromptPolicy
 
 log = logging.getLogger("me5.evaluate")
@@ -100,9 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m me5.evaluate``."""
     p = argparse.ArgumentParser(prog="me5-evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="exported model folder or hub id")
-    p.add_argument(
-        "--data", required=True, help="BEIR folder, or folder of per-language BEIR folders (MIRACL)"
-    )
+    p.add_argument("--data", default=None, help="BEIR folder, or folder of per-language BEIR folders (MIRACL)")
+    p.add_argument("--suite", default=None, choices=sorted(SUITES),
+                   help="a named suite instead of --data: 'paper' = MIRACL dev (16 languages), BUCC, Tatoeba and "
+                        "the 56 MTEB English tasks, written beside the paper's Tables 3-6")
+    p.add_argument("--data-root", default="data/eval",
+                   help="with --suite: the folder holding miracl/ (me5.app.convert_miracl output), bucc/ "
+                        "(mteb/BUCC) and tatoeba/ (mteb/tatoeba-bitext-mining); MTEB reads the HF datasets cache")
+    p.add_argument("--benchmarks", nargs="+", default=None, choices=SUITE_BENCHMARKS,
+                   help="with --suite: only these benchmarks (default: all)")
+    p.add_argument("--paper-model", default=None,
+                   help="the paper's column to compare with (small, base, large, large-instruct; default: from --model)")
+    p.add_argument("--output-dir", default=None, help="with --suite: where results.md and metrics.json go")
+    p.add_argument("--wandb", action="store_true", help="with --suite: log the side-by-side table to W&B "
+                                                       "(offline without credentials)")
     p.add_argument("--split", default="test", help="qrels/{split}.tsv (default: test)")
     p.add_argument("--name", default=None, help="metric key prefix (default: the data folder's name)")
     p.add_argument("--output", default=None, help="write metrics to this json file")
@@ -117,25 +129,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> dict[str, float]:
-    """Load the model and data named by ``args``, evaluate, print the table and write ``--output``."""
+def load_model(model: str, settings: dict, device: str | None):
+    """The encoder and tokenizer of a saved model, on ``device`` (default: cuda when available)."""
     import torch
 
-    from me5.eval.retrieval import RetrievalEvaluator, format_table, load_beir
     from me5.models.encoder import Encoder
     from me5.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    encoder = Encoder.from_pretrained(model, pooling=settings["pooling"], normalize=settings["normalize"],
+                                      tokenizer=tokenizer)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return encoder.to(dev), tokenizer, dev
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    """Load the model and data named by ``args``, evaluate, print the table and write ``--output``."""
+    if args.suite is not None:
+        return run_suite(args)
+    if args.data is None:
+        raise ConfigError("--data", "give --data (a BEIR folder) or --suite")
+    from me5.eval.retrieval import RetrievalEvaluator, format_table, load_beir
 
     data = load_beir(args.data, split=args.split)  # data errors before the (slow) model load
     settings = read_model_settings(args.model)
     if args.prompts is not None:
         settings["prompts"] = args.prompts
     settings["task"] = args.task
-    tokenizer = load_tokenizer(args.model)
-    encoder = Encoder.from_pretrained(
-        args.model, pooling=settings["pooling"], normalize=settings["normalize"], tokenizer=tokenizer
-    )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    encoder.to(device)
+    encoder, tokenizer, device = load_model(args.model, settings, args.device)
     name = args.name or Path(args.data).resolve().name
     evaluator = RetrievalEvaluator(
         data,
@@ -162,6 +183,113 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         log.info("wrote %s", out)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------- suites
+SUITE_BENCHMARKS = ("miracl", "bucc", "tatoeba", "mteb")
+SUITES = {"paper": SUITE_BENCHMARKS}
+
+
+def _suite_evaluators(args, prompts) -> dict:
+    """The suite's evaluators, with every data folder checked before the model is loaded."""
+    from me5.eval.bitext import TASK_PAIRS, BitextEvaluator
+    from me5.eval.miracl import LANGUAGES
+    from me5.eval.retrieval import RetrievalEvaluator, load_beir
+
+    root = Path(args.data_root)
+    wanted = args.benchmarks or SUITES[args.suite]
+    out = {}
+    for bench in wanted:
+        if bench == "mteb":
+            continue  # mteb checks its own datasets (the HF cache) task by task
+        folder = root / bench
+        if not folder.is_dir():
+            raise DataError(f"no {bench} data for --suite {args.suite} (see --data-root)", file=str(folder))
+        if bench == "miracl":
+            langs = [lang for lang in LANGUAGES if (folder / lang).is_dir()]
+            _warn_missing(bench, LANGUAGES, langs, folder)
+            out[bench] = RetrievalEvaluator(load_beir(folder, split="dev"), name="miracl", prompts=prompts,
+                                            task="miracl", languages=langs or list(LANGUAGES),
+                                            batch_size=args.batch_size)
+        else:
+            pairs = [p for p in TASK_PAIRS[bench] if _has_pair(folder, p)]
+            _warn_missing(bench, TASK_PAIRS[bench], pairs, folder)
+            out[bench] = BitextEvaluator(folder, task=bench, prompts=prompts, languages=pairs or None,
+                                         batch_size=args.batch_size)
+    return out
+
+
+def _has_pair(folder: Path, pair: str) -> bool:
+    from me5.eval.bitext import pair_files
+
+    try:
+        return bool(pair_files(folder, pair))
+    except DataError:
+        return False
+
+
+def _warn_missing(bench: str, wanted, present, folder: Path) -> None:
+    """The paper's mean is over every language: a partial folder is evaluated, and said so loudly."""
+    missing = [x for x in wanted if x not in present]
+    if missing and present:
+        log.warning("%s: %d of the paper's %d languages are missing in %s (%s): its mean is not the paper's",
+                    bench, len(missing), len(wanted), folder, ", ".join(missing))
+
+
+def run_suite(args: argparse.Namespace) -> dict[str, float]:
+    """``--suite``: every benchmark of the suite, our scores beside the paper's (``me5.eval.paper``), written to
+    ``results.md``, ``metrics.json`` and (``--wandb``) a W&B table."""
+    from me5.eval.paper import paper_model, side_by_side
+
+    try:
+        column = paper_model(args.paper_model or args.model)
+    except ValueError as err:
+        raise ConfigError("--paper-model", str(err)) from None
+    settings = read_model_settings(args.model)
+    if args.prompts is not None:
+        settings["prompts"] = args.prompts
+    prompts = PromptPolicy(settings["prompts"])
+    evaluators = _suite_evaluators(args, prompts)  # data errors before the (slow) model load
+    encoder, tokenizer, device = load_model(args.model, settings, args.device)
+    metrics: dict[str, float] = {}
+    timings: dict[str, float] = {}
+    for bench, ev in evaluators.items():
+        t0 = time.perf_counter()
+        metrics.update(ev.evaluate(encoder, tokenizer, device=device, show_progress=sys.stderr.isatty()))
+        timings[bench] = round(time.perf_counter() - t0, 1)
+    if "mteb" in (args.benchmarks or SUITES[args.suite]):
+        from me5.eval.mteb import Me5MtebEncoder, evaluate_mteb, paper_tasks
+
+        t0 = time.perf_counter()
+        wrapper = Me5MtebEncoder(encoder, tokenizer, prompts=prompts, name=str(args.model), device=device,
+                                 batch_size=args.batch_size)
+        metrics.update(evaluate_mteb(wrapper, paper_tasks(), prompts=prompts, batch_size=args.batch_size))
+        timings["mteb"] = round(time.perf_counter() - t0, 1)
+    table = side_by_side(metrics, column)
+    out = Path(args.output_dir or Path("outputs") / "eval" / (Path(args.model).name or "model"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(table.markdown() + "\n", encoding="utf-8")
+    record = {"model": args.model, "suite": args.suite, "paper_model": column, "settings": settings,
+              "metrics": metrics, "paper": table.records(), "timings_s": timings}
+    (out / "metrics.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(table.markdown())
+    print(f"\nresults: {out / 'results.md'}")
+    if args.wandb:
+        _log_wandb(table, record, out)
+    return metrics
+
+
+def _log_wandb(table, record, out: Path) -> None:
+    import wandb
+
+    from me5.app.loggers import resolve_wandb_mode
+
+    columns, rows = table.table()
+    run = wandb.init(project="me5", job_type="evaluate", dir=str(out), mode=resolve_wandb_mode("auto"),
+                     config={k: record[k] for k in ("model", "suite", "paper_model", "settings")})
+    run.log({"paper/side_by_side": wandb.Table(columns=columns, data=rows),
+             **{f"eval/{k}": v for k, v in record["metrics"].items()}})
+    run.finish()
 
 
 def main(argv: list[str] | None = None) -> int:

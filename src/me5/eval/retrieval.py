@@ -1,4 +1,4 @@
-"""Retrieval evaluation on BEIR-layout data: exact dense search, nDCG@k / Recall@k per language and macro-averaged.
+"""Retrieval evaluation on BEIR-layout data: dense search, nDCG@k / Recall@k per language and macro-averaged.
 
 Layouts read by :func:`load_beir`:
 
@@ -13,7 +13,12 @@ Layouts read by :func:`load_beir`:
 The evaluator follows unilm's ``mteb_beir_eval.py`` for mE5: passages are ``(title + " " + text).strip()``,
 queries and passages get the prompts of the model's :class:`~me5.prompts.PromptPolicy` (E5: ``query: `` /
 ``passage: ``; instruct: the task's instruction on queries, nothing on passages), and scores are dot products
-of the (unit) embeddings, i.e. cosines.
+of the (unit) embeddings, i.e. cosines. The protocol's defaults: 512 tokens on both sides, fp16 autocast on CUDA.
+
+Embedding and search are :mod:`me5.embed`'s (the core that mining and the consistency filter share):
+length-sorted token-budget batches (:func:`~me5.embed.encode.encode_texts`), or with ``work_dir`` the corpus
+encoded into fp16 shards (:func:`~me5.embed.encode.encode_corpus`: split over the ranks of a distributed job,
+resumable) and searched block by block; exact search (torch) or FAISS, ties in trec_eval's order.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from pathlib import Path
 import torch
 
 from me5.data.readers import iter_jsonl
-from me5.embed.search import exact_search
+from me5.embed.encode import PRECISIONS, EmbeddingShards, encode_corpus, encode_texts, is_fsdp_sharded
+from me5.embed.search import METHODS, to_run
+from me5.embed.search import search as search_topk
 from me5.errors import ConfigError, DataError
 from me5.eval.metrics import ndcg_at_k, recall_at_k
 from me5.prompts import PromptPolicy, task_instruction
@@ -174,7 +181,7 @@ def _read_qrels(root: Path, split: str) -> dict[str, dict[str, int]]:
 
 # ---------------------------------------------------------------------------------------------- evaluator
 class RetrievalEvaluator:
-    """Embeds a corpus and its queries with an :class:`~me5.models.encoder.Encoder` and scores exact search.
+    """Embeds a corpus and its queries with an :class:`~me5.models.encoder.Encoder` and scores dense search.
 
     Args:
         data: one dataset (searched as a whole; per-language metrics from the queries' ``lang``) or
@@ -183,10 +190,24 @@ class RetrievalEvaluator:
         prompts: the model's :class:`~me5.prompts.PromptPolicy` (default: E5's ``query: `` / ``passage: ``).
         task: the task's name in :data:`me5.prompts.TASKS` (its instruction, for the instruct policy).
         symmetric: documents are the same kind of text as queries (both get the query prompt; e.g. Quora).
-        query_max_length, passage_max_length: truncation in tokens.
-        batch_size: encoding batch size.
+        query_max_length, passage_max_length: truncation in tokens (512: the recipe's protocol; configs may
+            lower them, e.g. the sample set's 64 / 128).
+        batch_size: the most texts in one encoding batch.
+        max_tokens: the most padded tokens in one batch (``None``: ``batch_size`` rows of the side's max length).
+        precision: ``fp16`` (the protocol's), ``bf16`` or ``fp32``: the autocast dtype on CUDA (CPU runs fp32).
+        search: ``exact`` (blockwise torch, on the encoder's device) or ``faiss``.
+        faiss_index, faiss_params: the faiss index-factory string (``Flat``: exact) and its search parameters
+            (``nprobe=64``), for ``search="faiss"``.
+        work_dir: encode each corpus into fp16 shards under ``work_dir/<name>/<lang or all>`` (split over the
+            ranks of a torch.distributed job, resumable, memory bounded by a shard) instead of in memory; a
+            folder of an earlier model is replaced.
+        shard_rows: rows per shard with ``work_dir``.
         k_values: cut-offs; nDCG@k and Recall@k are reported for each, and ``max(k_values)`` docs are retrieved.
         languages: evaluate only these languages (``None``: all).
+
+    The encoder is an ``nn.Module`` called as ``encoder(input_ids, attention_mask)`` (with a tokenizer); any other
+    object (or a module without ``forward``) is used through its ``encode(texts, tokenizer, prefix=, max_length=,
+    batch_size=, device=, show_progress=, desc=)`` method, in memory.
     """
 
     def __init__(
@@ -197,20 +218,36 @@ class RetrievalEvaluator:
         prompts: PromptPolicy | None = None,
         task: str = "generic",
         symmetric: bool = False,
-        query_max_length: int = 64,
-        passage_max_length: int = 128,
+        query_max_length: int = 512,
+        passage_max_length: int = 512,
         batch_size: int = 128,
+        max_tokens: int | None = None,
+        precision: str = "fp16",
+        search: str = "exact",
+        faiss_index: str = "Flat",
+        faiss_params: str | None = None,
+        work_dir: str | Path | None = None,
+        shard_rows: int = 65536,
         k_values: Sequence[int] = (10, 100),
         languages: Sequence[str] | None = None,
     ):
         if not k_values or any(int(k) < 1 for k in k_values):
             raise ConfigError("eval.k_values", f"need positive cut-offs, got {list(k_values)}")
+        if search not in METHODS:
+            raise ConfigError("eval.search", f"unknown search '{search}'; choose one of {list(METHODS)}")
+        if precision not in PRECISIONS:
+            raise ConfigError("eval.precision", f"unknown '{precision}'; choose one of {sorted(PRECISIONS)}")
+        if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+            raise ConfigError("eval.batch_size", f"need positive sizes, got {batch_size} rows, {max_tokens} tokens")
         self.name = name
         self.prompts = prompts or PromptPolicy("e5")
         self.task = task
         self.query_prefix, self.passage_prefix = self.prompts.pair(task_instruction(task), symmetric=symmetric)
         self.query_max_length, self.passage_max_length = query_max_length, passage_max_length
-        self.batch_size = batch_size
+        self.batch_size, self.max_tokens, self.precision = batch_size, max_tokens, precision
+        self.search, self.faiss_index, self.faiss_params = search, faiss_index, faiss_params
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.shard_rows = shard_rows
         self.k_values = tuple(sorted({int(k) for k in k_values}))
         self.languages = list(languages) if languages is not None else None
         self.data = self._select(data)
@@ -255,7 +292,8 @@ class RetrievalEvaluator:
         per_query: dict[str, dict[str, float]] = defaultdict(dict)  # metric -> {qid: value}
         lang_of: dict[str, str | None] = {}
         for part_lang, data in parts:
-            run = self._run(data, encoder, tokenizer, device, show_progress, desc=part_lang or self.name)
+            run = self._run(data, encoder, tokenizer, device, show_progress, desc=part_lang or self.name,
+                            part=part_lang)
             for k in self.k_values:
                 for metric, fn in (("ndcg", ndcg_at_k), ("recall", recall_at_k)):
                     values = fn(run, data.qrels, k)
@@ -268,25 +306,54 @@ class RetrievalEvaluator:
         return self._aggregate(per_query, lang_of)
 
     def _run(
-        self, data: RetrievalData, encoder, tokenizer, device, show_progress, desc
+        self, data: RetrievalData, encoder, tokenizer, device, show_progress, desc, part: str | None = None
     ) -> dict[str, dict[str, float]]:
         doc_ids = list(data.corpus)
         doc_texts = [(d["title"] + " " + d["text"]).strip() for d in data.corpus.values()]
         q_ids = [q for q in data.queries if data.qrels.get(q)]
-        common = {"batch_size": self.batch_size, "device": device, "show_progress": show_progress}
-        docs = encoder.encode(
-            doc_texts, tokenizer, prefix=self.passage_prefix, max_length=self.passage_max_length,
-            desc=f"{desc} corpus", **common,
+        q_texts = [data.queries[q]["text"] for q in q_ids]
+        if _forward_encoder(encoder, tokenizer):
+            docs, doc_ids = self._encode_corpus(encoder, tokenizer, doc_ids, doc_texts, device, show_progress, desc,
+                                                part)
+            queries = encode_texts(
+                encoder, tokenizer, q_texts, prefix=self.query_prefix, max_length=self.query_max_length,
+                desc=f"{desc} queries", **self._batching(device, show_progress),
+            )  # fmt: skip
+        else:  # an embedder with its own encode (test doubles, other models)
+            common = {"batch_size": self.batch_size, "device": device, "show_progress": show_progress}
+            docs = encoder.encode(
+                doc_texts, tokenizer, prefix=self.passage_prefix, max_length=self.passage_max_length,
+                desc=f"{desc} corpus", **common,
+            )  # fmt: skip
+            queries = encoder.encode(
+                q_texts, tokenizer, prefix=self.query_prefix, max_length=self.query_max_length,
+                desc=f"{desc} queries", **common,
+            )  # fmt: skip
+        scores, idx = search_topk(
+            queries, docs, max(self.k_values), method=self.search, doc_ids=doc_ids, device=device,
+            index=self.faiss_index, params=self.faiss_params,
         )  # fmt: skip
-        queries = encoder.encode(
-            [data.queries[q]["text"] for q in q_ids], tokenizer, prefix=self.query_prefix,
-            max_length=self.query_max_length, desc=f"{desc} queries", **common,
-        )  # fmt: skip
-        scores, idx = exact_search(queries, docs, max(self.k_values), device=device)
-        return {
-            qid: {doc_ids[i]: s for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True)}
-            for qid, row_s, row_i in zip(q_ids, scores, idx, strict=True)
-        }
+        return to_run(q_ids, doc_ids, scores, idx)
+
+    def _batching(self, device, show_progress) -> dict:
+        return {"max_tokens": self.max_tokens, "max_batch": self.batch_size, "precision": self.precision,
+                "device": device, "show_progress": show_progress}
+
+    def _encode_corpus(self, encoder, tokenizer, doc_ids, doc_texts, device, show_progress, desc, part):
+        """(embeddings or shards, their doc ids): in memory, or sharded under ``work_dir`` (not for an
+        FSDP-sharded encoder, whose forwards must be the same on every rank)."""
+        common = {"prefix": self.passage_prefix, "max_length": self.passage_max_length, "desc": f"{desc} corpus",
+                  **self._batching(device, show_progress)}
+        if self.work_dir is not None and is_fsdp_sharded(encoder):
+            log.warning("%s: FSDP-sharded encoder; encoding the corpus in memory, not under %s", self.name,
+                        self.work_dir)
+        elif self.work_dir is not None:
+            folder = self.work_dir / self.name.replace("/", "_") / (part or "all")
+            encode_corpus(encoder, tokenizer, doc_ids, doc_texts, folder, shard_rows=self.shard_rows,
+                          overwrite=True, **common)
+            shards = EmbeddingShards(folder)
+            return shards, shards.ids
+        return encode_texts(encoder, tokenizer, doc_texts, **common), doc_ids
 
     def _aggregate(self, per_query, lang_of) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -302,6 +369,13 @@ class RetrievalEvaluator:
             for lang, m in lang_means.items():
                 out[f"{self.name}/{lang}/{metric}"] = m
         return out
+
+
+def _forward_encoder(encoder, tokenizer) -> bool:
+    """Whether to embed through :mod:`me5.embed` (a module with its own ``forward`` and a tokenizer), else
+    through the object's ``encode`` method."""
+    has_forward = isinstance(encoder, torch.nn.Module) and type(encoder).forward is not torch.nn.Module.forward
+    return has_forward and (tokenizer is not None or not hasattr(encoder, "encode"))
 
 
 def _uid(part: str | None, qid: str) -> str:

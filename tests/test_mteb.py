@@ -1,0 +1,319 @@
+"""MTEB through the ``mteb`` package: the paper's 56 tasks, E5's prompt policy per task type and side, un-normalised
+classification vectors, scores equal to a SentenceTransformer of the same export, offline data errors.
+
+The tasks are local: mteb's own mock tasks (``mteb.mocks.mock_tasks``), renamed after tasks of the suite so that
+the instruction table is used, with a little more data for retrieval, STS and classification."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+mteb = pytest.importorskip("mteb")
+pytest.importorskip("sentence_transformers")
+
+from datasets import Dataset, DatasetDict  # noqa: E402
+from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData  # noqa: E402
+from mteb.mocks.mock_tasks import (  # noqa: E402
+    MockClassificationTask,
+    MockPairClassificationTask,
+    MockRerankingTask,
+    MockRetrievalTask,
+    MockSTSTask,
+    MockSummarizationTask,
+)
+from mteb.mocks.mock_tasks.clustering import MockClusteringTask  # noqa: E402
+from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper  # noqa: E402
+
+from me5.errors import ConfigError, DataError  # noqa: E402
+from me5.eval.mteb import (  # noqa: E402
+    PAPER_MTEB_EN,
+    PAPER_MTEB_EN_BY_TYPE,
+    Me5MtebEncoder,
+    evaluate_mteb,
+    paper_tasks,
+    resolve_tasks,
+    task_instruction_for,
+)
+from me5.prompts import PromptPolicy  # noqa: E402
+
+# ------------------------------------------------------------------------------------------ local tasks
+DOCS = {
+    "d1": ("Cats", "Cats are small domesticated felines that purr."),
+    "d2": ("Dogs", "Dogs are loyal companions that bark."),
+    "d3": ("Paris", "Paris is the capital city of France."),
+    "d4": ("Berlin", "Berlin is the capital of Germany."),
+    "d5": ("Rain", "Rain falls from clouds when water condenses."),
+    "d6": ("Sun", "The sun is the star at the centre of the solar system."),
+}
+QUERIES = {"q1": "which animal purrs", "q2": "capital of France", "q3": "where does rain come from",
+           "q4": "capital of Germany"}
+QRELS = {"q1": {"d1": 1}, "q2": {"d3": 1}, "q3": {"d5": 1}, "q4": {"d4": 1}}
+
+
+def _split(*, titles: bool = True, top_ranked=None) -> RetrievalSplitData:
+    return RetrievalSplitData(
+        queries=Dataset.from_list([{"id": q, "text": t} for q, t in QUERIES.items()]),
+        corpus=Dataset.from_list([{"id": d, "title": ti if titles else "", "text": tx}
+                                  for d, (ti, tx) in DOCS.items()]),
+        relevant_docs=QRELS, top_ranked=top_ranked,
+    )
+
+
+def _named(base, name):
+    """A local copy of an mteb mock task under the name of a suite task (its instruction, its rules)."""
+    return type(name, (base,), {"metadata": base.metadata.model_copy(update={"name": name})})
+
+
+class SciFact(_named(MockRetrievalTask, "SciFact")):
+    def load_data(self, num_proc=None, **kwargs):
+        self.dataset = {"default": {"test": _split(), "val": _split()}}
+        self.data_loaded = True
+
+
+class QuoraRetrieval(_named(MockRetrievalTask, "QuoraRetrieval")):
+    def load_data(self, num_proc=None, **kwargs):
+        self.dataset = {"default": {"test": _split(titles=False), "val": _split(titles=False)}}
+        self.data_loaded = True
+
+
+class SciDocsRR(_named(MockRerankingTask, "SciDocsRR")):
+    def load_data(self, num_proc=None, **kwargs):
+        self.dataset = {"default": {"test": _split(top_ranked={q: list(DOCS) for q in QUERIES})}}
+        self.data_loaded = True
+
+
+class STSBenchmark(_named(MockSTSTask, "STSBenchmark")):
+    def load_data(self, num_proc=None, **kwargs):
+        s1 = ["a cat sits on the mat", "the dog barks", "Paris is in France", "rain is wet", "the sun is hot"]
+        s2 = ["a cat is on the mat", "a dog is barking", "Berlin is in Germany", "the sky is blue", "ice is cold"]
+        self.dataset = DatasetDict({"test": Dataset.from_dict(
+            {"sentence1": s1, "sentence2": s2, "score": [1.0, 0.9, 0.4, 0.2, 0.0]})})
+        self.data_loaded = True
+
+
+class Banking77Classification(_named(MockClassificationTask, "Banking77Classification")):
+    n_experiments = 2
+    samples_per_label = 4
+
+    def load_data(self, num_proc=None, **kwargs):
+        money = ["transfer money to my account", "my card payment failed", "how do I top up", "refund my charge",
+                 "exchange rate for euros", "my transfer is pending"]
+        other = ["the weather is nice", "cats like to sleep", "Paris is beautiful", "I like green tea",
+                 "the train is late", "rain falls in spring"]
+        texts, labels = money + other, [0] * 6 + [1] * 6
+        self.dataset = DatasetDict({
+            "train": Dataset.from_dict({"text": texts[::2] + texts[1::2][:2], "label": labels[::2] + labels[1::2][:2]}),
+            "test": Dataset.from_dict({"text": texts[1::2], "label": labels[1::2]}),
+        })
+        self.data_loaded = True
+
+
+TwentyNewsgroupsClustering = _named(MockClusteringTask, "TwentyNewsgroupsClustering")
+SprintDuplicateQuestions = _named(MockPairClassificationTask, "SprintDuplicateQuestions")
+SummEval = _named(MockSummarizationTask, "SummEval")
+
+TASKS = [SciFact, QuoraRetrieval, SciDocsRR, STSBenchmark, Banking77Classification, TwentyNewsgroupsClustering,
+         SprintDuplicateQuestions, SummEval]
+
+# the prompts E5's policy gives each task (query side, document side); unilm e5/mteb_beir_eval.py and
+# e5/mteb_except_retrieval_eval.py, instructions from e5/utils.py
+E5 = {"SciFact": ("query: ", "passage: "), "QuoraRetrieval": ("query: ", "query: ")}
+INSTRUCTIONS = {
+    "SciFact": "Given a scientific claim, retrieve documents that support or refute the claim",
+    "QuoraRetrieval": "Given a question, retrieve questions that are semantically equivalent to the given question",
+    "SciDocsRR": "Given a title of a scientific paper, retrieve the titles of other relevant papers",
+    "STSBenchmark": "Retrieve semantically similar text.",
+    "Banking77Classification": "Given a online banking query, find the corresponding intents",
+    "TwentyNewsgroupsClustering": "Identify the topic or theme of the given news articles",
+    "SprintDuplicateQuestions": "Retrieve duplicate questions from Sprint forum",
+    "SummEval": "Given a news summary, retrieve other semantically similar summaries",
+}
+
+
+def expected_prompts(style: str) -> dict[str, tuple[str, str]]:
+    """task -> (prompt of its queries / of every text, prompt of its documents)."""
+    if style == "e5":
+        return {t.metadata.name: E5.get(t.metadata.name, ("query: ", "query: ")) for t in TASKS}
+    out = {}
+    for name, ins in INSTRUCTIONS.items():
+        q = f"Instruct: {ins}\nQuery: "
+        out[name] = (q, "" if name == "SciFact" else q)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from tests.test_export import build_tiny_encoder, build_tokenizer
+
+    root = tmp_path_factory.mktemp("mteb")
+    tok = build_tokenizer(root / "tok")
+    return build_tiny_encoder(tok).save_pretrained(root / "model", tok)
+
+
+class _Recording:
+    """Records what an :class:`Me5MtebEncoder` embeds: the texts with their prompts, and its output vectors."""
+
+    def __init__(self, wrapper: Me5MtebEncoder):
+        self.texts: dict[tuple[str, str | None], list[str]] = {}
+        self.prefixes: dict[tuple[str, str | None], set[str]] = {}
+        self.vectors: dict[str, list[np.ndarray]] = {}
+        enc, wrapper_encode = wrapper.encoder, wrapper.encode
+        inner = enc.encode
+        current = {}
+
+        def encode_texts(texts, tokenizer, *, prefix="", **kw):
+            self.texts.setdefault(current["key"], []).extend(prefix + t for t in texts)
+            self.prefixes.setdefault(current["key"], set()).add(prefix)
+            return inner(texts, tokenizer, prefix=prefix, **kw)
+
+        def encode(inputs, *, task_metadata, prompt_type=None, **kw):
+            current["key"] = (task_metadata.name, prompt_type.value if prompt_type else None)
+            out = wrapper_encode(inputs, task_metadata=task_metadata, prompt_type=prompt_type, **kw)
+            self.vectors.setdefault(task_metadata.name, []).append(out)
+            return out
+
+        enc.encode = encode_texts
+        wrapper.encode = encode
+
+
+def _st_scores(folder, prompts: dict[str, tuple[str, str]]) -> dict[str, float]:
+    """The same tasks through mteb's SentenceTransformer wrapper, the same prompts passed per task."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(folder), device="cpu")
+    st.prompts, st.default_prompt_name = {}, None
+    raw = SentenceTransformer(modules=[st[0], st[1]], device="cpu")  # no Normalize module: classification
+    model_prompts = {}
+    for name, (q, d) in prompts.items():
+        model_prompts.update({f"{name}-query": q, f"{name}-document": d, name: q})
+    out = {}
+    for model, tasks in ((st, [t for t in TASKS if t is not Banking77Classification]), (raw, [Banking77Classification])):
+        wrapper = SentenceTransformerEncoderWrapper(model, model_prompts=model_prompts)
+        result = mteb.evaluate(wrapper, [t() for t in tasks], cache=None, show_progress_bar=False,
+                               encode_kwargs={"batch_size": 64})
+        out.update({r.task_name: r.get_score() for r in result.task_results})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the suite
+def test_the_suite_is_the_papers_56_tasks():
+    assert len(PAPER_MTEB_EN) == len(set(PAPER_MTEB_EN)) == 56
+    assert {t: len(n) for t, n in PAPER_MTEB_EN_BY_TYPE.items()} == {
+        "Classification": 12, "Clustering": 11, "PairClassification": 3, "Reranking": 4, "Retrieval": 15,
+        "STS": 10, "Summarization": 1}
+    registry = mteb.get_tasks(tasks=PAPER_MTEB_EN)
+    assert sorted(t.metadata.name for t in registry) == sorted(PAPER_MTEB_EN)  # every name is valid in mteb 2
+    assert sorted(t.metadata.name for t in mteb.get_benchmark("MTEB(eng, v1)").tasks) == sorted(PAPER_MTEB_EN)
+    tasks = {t.metadata.name: t for t in paper_tasks()}
+    for task_type, names in PAPER_MTEB_EN_BY_TYPE.items():
+        assert {tasks[n].metadata.type for n in names} == {task_type}
+    assert tasks["MSMARCO"].eval_splits == ["dev"] and tasks["STS17"].hf_subsets == ["en-en"]
+    assert tasks["STS22"].hf_subsets == ["en"] and tasks["AmazonCounterfactualClassification"].hf_subsets == ["en"]
+    assert len(tasks["CQADupstackRetrieval"].metadata.tasks) == 12
+    with pytest.raises(ConfigError, match="STS99"):
+        resolve_tasks(["STS12", "STS99"])
+
+
+def test_every_suite_task_has_its_unilm_instruction(caplog):
+    """No fallback for the 56 (and the 12 CQADupStack forums); where mteb ships a prompt (taken from E5-mistral),
+    it is the same sentence."""
+    for task in paper_tasks():
+        for leaf in getattr(task.metadata, "tasks", None) or [task]:
+            md = leaf.metadata
+            mine = task_instruction_for(md)
+            theirs = md.prompt.get("query") if isinstance(md.prompt, dict) else md.prompt
+            assert theirs is None or theirs == mine, md.name
+    assert "[U]" not in caplog.text
+    fallback = task_instruction_for(MockSTSTask.metadata.model_copy(update={"type": "Clustering"}))
+    assert fallback == MockSTSTask.metadata.description.rstrip(".")
+
+
+def test_the_module_does_not_shadow_the_mteb_package():
+    import me5.eval.mteb as ours
+
+    assert ours.mteb is sys.modules["mteb"] and "site-packages" in sys.modules["mteb"].__file__
+
+
+# ------------------------------------------------------------------------------------------ the wrapper
+@pytest.mark.parametrize("style", ["e5", "instruct"])
+def test_prompts_per_task_type_and_side_and_scores_match_sentence_transformers(exported, style, tmp_path):
+    wrapper = Me5MtebEncoder.from_pretrained(exported, prompts=style)
+    rec = _Recording(wrapper)
+    scores = evaluate_mteb(wrapper, [t() for t in TASKS], prompts=None, output_dir=tmp_path / "results")
+    prompts = expected_prompts(style)
+
+    # the exact prompt each task type / side receives
+    for (name, side), used in rec.prefixes.items():
+        q, d = prompts[name]
+        assert used == {d if side == "document" else q}, (name, side, used)
+    sides = {k for k in rec.texts}
+    assert {("SciFact", "query"), ("SciFact", "document"), ("QuoraRetrieval", "document"),
+            ("SciDocsRR", "document"), ("STSBenchmark", None), ("Banking77Classification", None)} <= sides
+    assert rec.texts[("QuoraRetrieval", "document")][0] == prompts["QuoraRetrieval"][0] + DOCS["d1"][1]
+    assert rec.texts[("SciFact", "document")][0] == prompts["SciFact"][1] + " ".join(DOCS["d1"])
+
+    # classification: un-normalised vectors; every other task: unit vectors
+    for name, outs in rec.vectors.items():
+        norms = np.linalg.norm(np.concatenate(outs), axis=1)
+        if name == "Banking77Classification":
+            assert np.all(np.abs(norms - 1) > 1e-3), norms
+        else:
+            np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    assert wrapper.encoder.normalize is True  # the encoder's own flag is restored
+
+    # the same scores as mteb's SentenceTransformer wrapper given the same prompts per task
+    st = _st_scores(exported, prompts)
+    ours = {k.split("/")[1]: v for k, v in scores.items() if k.endswith("/main_score")}
+    assert ours.keys() == st.keys() == {t.metadata.name for t in TASKS}
+    for name in ours:
+        assert ours[name] == pytest.approx(st[name], abs=1e-5), name
+    assert scores["mteb/avg/retrieval"] == pytest.approx((ours["SciFact"] + ours["QuoraRetrieval"]) / 2)
+    assert scores["mteb/avg"] == pytest.approx(np.mean(list(ours.values())))
+    assert {k for k in scores if k.startswith("mteb/avg/")} == {
+        f"mteb/avg/{t}" for t in ("retrieval", "reranking", "sts", "classification", "clustering",
+                                  "pairclassification", "summarization")}
+    assert len(list((tmp_path / "results").rglob("SciFact.json"))) == 1  # mteb's result files
+
+
+def test_classification_vectors_are_the_pooled_vectors(exported):
+    wrapper = Me5MtebEncoder.from_pretrained(exported)
+    texts = ["a cat", "кошка", "the dog barks"]
+    loader = torch.utils.data.DataLoader(Dataset.from_dict({"text": texts}), batch_size=2)
+    kw = {"hf_split": "test", "hf_subset": "default"}
+    cls = wrapper.encode(loader, task_metadata=Banking77Classification.metadata, **kw)
+    sts = wrapper.encode(loader, task_metadata=STSBenchmark.metadata, **kw)
+    enc, tok = wrapper.encoder, wrapper.tokenizer
+    enc.normalize = False
+    try:
+        pooled = enc.encode(texts, tok, prefix="query: ", max_length=wrapper.max_length)
+    finally:
+        enc.normalize = True
+    np.testing.assert_allclose(cls, pooled.numpy(), atol=1e-5)
+    np.testing.assert_allclose(sts, enc.encode(texts, tok, prefix="query: ").numpy(), atol=1e-5)
+
+
+def test_policy_comes_from_the_export_and_reranking_sides_are_an_option(tmp_path):
+    from tests.test_export import build_tiny_encoder, build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "tok")
+    folder = build_tiny_encoder(tok).save_pretrained(tmp_path / "m", tok, prompts=PromptPolicy("instruct"))
+    wrapper = Me5MtebEncoder.from_pretrained(folder)
+    assert wrapper.prompts == PromptPolicy("instruct") and wrapper.mteb_model_meta.name == "me5/m"
+    assert wrapper.prompt(SciDocsRR.metadata, "document") == wrapper.prompt(SciDocsRR.metadata, "query") != ""
+    sided = Me5MtebEncoder(wrapper.encoder, tok, prompts="e5", asymmetric_reranking=True)
+    assert (sided.prompt(SciDocsRR.metadata, "query"), sided.prompt(SciDocsRR.metadata, "document")) == (
+        "query: ", "passage: ")
+    assert Me5MtebEncoder(wrapper.encoder, tok, prompts="none").prompt(SciFact.metadata, "query") == ""
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_a_task_missing_from_the_local_cache_is_a_data_error(exported, tmp_path):
+    with pytest.raises(DataError, match=r"'STS12'.*'mteb/sts12-sts'.*not in the local Hugging Face"):
+        evaluate_mteb(exported, ["STS12"], prompts="e5", cache_dir=tmp_path / "empty")
+    with pytest.raises(ConfigError, match="unknown mteb task"):
+        evaluate_mteb(exported, ["NoSuchTask"], prompts="e5")
