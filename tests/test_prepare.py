@@ -17,37 +17,13 @@ from me5.data.shards import PrepareOptions, format_stats, prepare
 from me5.data.source import Source
 from me5.embed.consistency import ConsistencyFilter
 from me5.errors import DataError
-
-
-def wordlevel_tokenizer():
-    """A word-level tokenizer with XLM-R's special tokens and template (``<s> ... </s>``)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
-    words = [f"w{i}" for i in range(200)] + ["query:", "passage:", "кошка", "猫", "قطة", "बिल्ली"]
-    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
-                                   model_max_length=64)
+from tests.test_data import pairs, wordlevel_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return wordlevel_tokenizer()
 
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def pairs(n, *, prefix="w", lang="en"):
-    return [{"query": f"{prefix}{i % 200}", "positive": f"{prefix}{(i + 1) % 200} {prefix}{(i + 2) % 200}", "lang": lang}
-            for i in range(n)]
 
 OPTS = dict(progress=False, shard_rows=40, row_group_rows=16)
 
