@@ -64,3 +64,26 @@ def format_item(source, ex, *, n_negatives: int = 0, rng=None, prompt_style: str
 
     fmt = ItemFormatter.for_source(source, PromptPolicy(prompt_style), n_negatives=n_negatives)
     return fmt(ex, rng=rng if rng is not None else np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+class SlowEvaluator:
+    """An evaluator (built from the ``eval`` group like the real ones) that takes ``seconds`` on its first call
+    in a run folder, on every rank: a stand-in for an hours-long MIRACL pass. Returns the rank and world size
+    it saw, so a test can tell that every rank evaluated."""
+
+    def __init__(self, seconds: float, marker: str, prompts=None):
+        self.seconds, self.marker = float(seconds), Path(marker)
+
+    def evaluate(self, encoder, tokenizer, *, device=None, show_progress: bool = False) -> dict[str, float]:
+        import time
+
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        first = not self.marker.with_suffix(f".{rank}").exists()
+        if first:
+            time.sleep(self.seconds)
+            self.marker.with_suffix(f".{rank}").touch()
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return {"slow/ranks": float(world), f"slow/rank{rank}_slept": float(first)}

@@ -70,3 +70,20 @@ def test_cli_writes_the_table(tmp_path, capsys):
     assert len((tmp_path / "bench.jsonl").read_text().splitlines()) == 2
     with pytest.raises(SystemExit):
         bench.main(["--methods", "nope"])
+
+
+def test_bench_encode_smoke_rows_agree_with_sentence_transformers(tmp_path, capsys):
+    """``make bench-encode`` at toy size: both methods on the same model and passages, equal embeddings."""
+    import json
+
+    from me5.app.bench_encode import main
+
+    assert main(["--models", "minilm", "--passages", "24", "--batch-size", "8", "--max-length", "64",
+                 "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "bench_encode.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["me5", "st"]
+    assert all(r["passages_per_s"] > 0 and r["tokens_per_s"] > r["passages_per_s"] for r in rows)
+    assert rows[0]["min_cos"] > 0.9999  # the fast path equals sentence-transformers
+    assert rows[1]["vs_st"] == 1.0
+    assert rows[0]["vs_st"] == pytest.approx(rows[1]["seconds"] / rows[0]["seconds"], rel=1e-3)  # seconds rounded
+    assert "| minilm | me5 |" in capsys.readouterr().out

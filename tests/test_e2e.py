@@ -146,12 +146,23 @@ def test_cli_bad_input_exits_non_zero_with_the_name(tmp_path, data_dir):
     assert r.returncode == 2 and "nope.jsonl" in r.stderr and "Traceback" not in r.stderr
 
 
+# the ranks' collective timeout, and an evaluation after stage 1 that takes longer than it on every rank: were
+# only rank 0 to evaluate, rank 1 would wait that long in stage 2's first collective and time out
+PG_TIMEOUT_S, SLOW_EVAL_S = 30, 40
+
+
 def test_two_process_ddp_pipeline(tmp_path, data_dir):
     r = _cli([f"paths.data_dir={data_dir}", "hydra.run.dir=" + str(tmp_path / "r"), *SHORT, "trainer=ddp",
-              "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "eval_baseline=false"])
+              "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "eval_baseline=false",
+              "+trainer.strategy.timeout._target_=datetime.timedelta", f"+trainer.strategy.timeout.seconds={PG_TIMEOUT_S}",
+              "+eval.slow._target_=tests.helpers.SlowEvaluator", f"+eval.slow.seconds={SLOW_EVAL_S}",
+              f"+eval.slow.marker={tmp_path / 'slow'}"])
     assert r.returncode == 0, r.stderr[-3000:]
     payload = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert set(payload["results"]) == {"pretrain", "finetune"}
+    # both ranks evaluated, rank 0 reports; the slow pass ran after stage 1 only, and stage 2 still ran
+    assert payload["results"]["pretrain"]["slow/ranks"] == 2 and payload["results"]["pretrain"]["slow/rank0_slept"] == 1
+    assert (tmp_path / "slow.1").exists() and payload["results"]["finetune"]["slow/rank0_slept"] == 0
     df = pd.read_csv(tmp_path / "r" / "csv" / "pretrain" / "metrics.csv")
     assert df["data/pairs_seen"].dropna().iloc[-1] == 6 * 16  # global batch over both ranks
 
@@ -187,10 +198,11 @@ def test_notebook_is_stripped_and_holds_no_logic():
          "stages.pretrain.global_batch_size"),
         (["stages.pretrain.warmup_steps=7"], "stages.pretrain.warmup_steps"),
         (["eval=miracl"], "miracl"),
+        (["eval=bitext"], "eval.bucc.data"),
         (["stages.finetune.init_from=/no/such/run/export/pretrain"], "stages.finetune.init_from"),
         (["data=files", "data.pretrain.path=/no/such/pairs.jsonl"], "data.finetune.path"),
     ],
-    ids=["stage2_data", "world_size", "warmup", "eval_data", "init_from", "own_data"],
+    ids=["stage2_data", "world_size", "warmup", "eval_data", "bitext_data", "init_from", "own_data"],
 )
 def test_every_check_comes_before_any_heavy_work(tmp_path, overrides, named):
     """A failed check names the field or file before anything is made: no sample data generated, no tokenizer
@@ -324,3 +336,26 @@ def test_the_sample_source_never_writes_into_a_data_folder(tmp_path, data_dir):
     with pytest.raises(DataError, match="not a folder of generated sample data"):
         run(cfg)
     assert _snapshot(tmp_path / "mine") == before
+
+
+def test_eval_after_job_leaves_the_evaluation_to_its_own_job(tmp_path, data_dir):
+    """eval_after=job: the training job only exports; the written job (``me5.evaluate --run``) evaluates the
+    export on the run's eval group, into the run's metrics.json, with the numbers a direct evaluation gives."""
+    from me5.app.evaluate import main as evaluate_main
+
+    run_dir = tmp_path / "r"
+    r = _cli([f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *SHORT, "stage=[pretrain]", "eval_after=job"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["results"] == {}  # nothing evaluated in training
+    script = (run_dir / "evaluate_pretrain.sh").read_text()
+    assert f"-m me5.evaluate --run {run_dir.resolve()} --stage pretrain" in script
+    assert evaluate_main(["--run", str(run_dir), "--stage", "pretrain", "--device", "cpu"]) == 0
+    job = json.loads((run_dir / "metrics.json").read_text())["results"]["pretrain"]
+    assert json.loads((run_dir / "eval" / "pretrain.json").read_text())["metrics"] == job
+    direct = tmp_path / "direct.json"
+    assert evaluate_main(["--model", str(run_dir / "export" / "pretrain"), "--data", str(data_dir / "sample" / "eval"),
+                          "--name", "sample", "--query-max-length", "64", "--passage-max-length", "128",
+                          "--device", "cpu", "--output", str(direct)]) == 0
+    assert job == json.loads(direct.read_text())["metrics"]
+    assert "sample ndcg@10" in (run_dir / "results.md").read_text()
+    assert evaluate_main(["--run", str(run_dir), "--stage", "finetune"]) == 2  # no such export: named, exit 2

@@ -383,3 +383,82 @@ def test_evaluator_work_dir_and_in_memory_agree_with_a_real_encoder(tmp_path):
         RetrievalEvaluator(data, search="bm25")
     with pytest.raises(ConfigError, match="eval.precision"):
         RetrievalEvaluator(data, precision="int8")
+
+
+# ---------------------------------------------------------------------------------------------- distributed search
+def _tied_shards(tmp_path, shard_rows=37):
+    """A sharded corpus of few distinct vectors (exact ties, fp16-exact) and its queries' vectors."""
+    data, enc, tok = _tied_data(), _QuantEncoder(), _tokenizer()
+    ids = list(data.corpus)
+    texts = [data.corpus[d]["text"] for d in ids]
+    encode_corpus(enc, tok, ids, texts, tmp_path / "shards", max_length=16, shard_rows=shard_rows)
+    queries = encode_texts(enc, tok, [q["text"] for q in data.queries.values()], max_length=16, precision="fp32")
+    return EmbeddingShards(tmp_path / "shards"), queries
+
+
+@pytest.mark.parametrize("method,index,params", [("exact", "Flat", None), ("faiss", "Flat", None),
+                                                 ("faiss", "IVF4,Flat", "nprobe=4")])
+def test_parts_of_a_sharded_corpus_merge_into_the_whole_search(tmp_path, method, index, params):
+    from me5.embed.search import merge_topk
+
+    shards, queries = _tied_shards(tmp_path)
+    assert len(shards._files) == 9  # 300 docs in shards of 37
+    for k in (1, 10, 100):
+        kw = {"method": method, "index": index, "params": params}
+        whole = search(queries, shards, k, **kw)
+        for world in (2, 3, 5):
+            parts = [search(queries, shards.part(r, world), k, **kw) for r in range(world)]
+            files = sorted(f for r in range(world) for f in shards.part(r, world).files)
+            assert files == list(range(9))  # every shard searched once
+            merged = merge_topk(parts, min(k, len(shards)), doc_ids=shards.ids)
+            assert torch.equal(merged[0], whole[0]), (k, world)
+            # each index names the corpus row whose score it reports (a part's faiss labels mapped back)
+            rescored = (queries @ torch.from_numpy(shards.matrix()).T).gather(1, merged[1])
+            assert torch.equal(rescored, merged[0]), (k, world)
+            if index == "Flat":  # exact: the same docs in the same (trec_eval) tie order; IVF orders within ties
+                assert torch.equal(merged[1], whole[1]), (k, world)
+    with pytest.raises(ValueError, match="rank 2"):
+        shards.part(2, 2)
+
+
+def _eval_worker(rank: int, port: int, out_dir: str) -> None:
+    import json
+
+    torch.set_num_threads(1)
+    problem = torch.load(f"{out_dir}/problem.pt", weights_only=False)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        from me5.eval.retrieval import RetrievalEvaluator
+
+        ev = RetrievalEvaluator(problem["data"], name="t", query_max_length=16, passage_max_length=16,
+                                prompts=PromptPolicy("none"), work_dir=f"{out_dir}/work", shard_rows=29)
+        metrics = ev.evaluate(problem["encoder"], problem["tokenizer"])
+        with open(f"{out_dir}/metrics{rank}.json", "w") as fh:
+            json.dump(metrics, fh)
+    finally:
+        shutdown_process_group()
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_two_ranks_share_the_encoding_and_the_search_and_equal_one_process(tmp_path):
+    """eval_after=shared: each rank encodes and searches its part of the corpus; the merged result is the single
+    process's, on every rank (ties included: few distinct vectors)."""
+    import json
+
+    from me5.eval.retrieval import RetrievalEvaluator
+    from tests.test_distributed import _free_port, _spawn_and_join
+
+    data, enc, tok = _tied_data(), _QuantEncoder(), _tokenizer()
+    torch.save({"data": data, "encoder": enc, "tokenizer": tok}, tmp_path / "problem.pt")
+    _spawn_and_join(_eval_worker, (_free_port(), str(tmp_path)), 120, "evaluation workers")
+    one = RetrievalEvaluator(data, name="t", query_max_length=16, passage_max_length=16,
+                             prompts=PromptPolicy("none")).evaluate(enc, tok)
+    ranks = [json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0].keys() == one.keys() and all(ranks[0][k] == pytest.approx(one[k], abs=1e-9) for k in one)
+    written = sorted(p.name for p in (tmp_path / "work" / "t" / "all").glob("emb-*.npy"))
+    assert {n.split("-")[1] for n in written} == {"r0", "r1"}  # both ranks encoded

@@ -317,3 +317,17 @@ def test_a_task_missing_from_the_local_cache_is_a_data_error(exported, tmp_path)
         evaluate_mteb(exported, ["STS12"], prompts="e5", cache_dir=tmp_path / "empty")
     with pytest.raises(ConfigError, match="unknown mteb task"):
         evaluate_mteb(exported, ["NoSuchTask"], prompts="e5")
+
+
+def test_the_eval_group_evaluator_is_evaluate_mteb_and_checks_the_cache_up_front(exported, tmp_path):
+    from me5.eval.mteb import MtebEvaluator
+
+    wrapper = Me5MtebEncoder.from_pretrained(exported)
+    tasks = [SciFact(), STSBenchmark()]
+    ev = MtebEvaluator(tasks, prompts=PromptPolicy("e5"), check_data=True)
+    assert not any(t.data_loaded for t in tasks)  # checked, then dropped
+    got = ev.evaluate(wrapper.encoder, wrapper.tokenizer)
+    assert got == evaluate_mteb(wrapper, [SciFact(), STSBenchmark()], prompts="e5")
+    assert len(MtebEvaluator(check_data=False).tasks) == 56
+    with pytest.raises(DataError, match="'STS12'"):  # at build time, before any training
+        MtebEvaluator(["STS12"], cache_dir=str(tmp_path / "empty"), check_data=True)

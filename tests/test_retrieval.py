@@ -235,3 +235,24 @@ def test_format_table():
     assert "s recall@100" in text and "98.7" in text
     assert len({len(line) for line in lines[:4]}) == 1  # fixed width
     assert format_table({"x": {"s/ndcg@10": 0.5}}, metrics=("ndcg@10",)).count("\n") == 2
+
+
+def test_lazy_languages_read_one_corpus_at_a_time_and_score_the_same(tmp_path, monkeypatch):
+    import me5.eval.retrieval as retrieval
+    from me5.eval.retrieval import LazyLanguages, RetrievalEvaluator, load_beir
+
+    for lang in ("de", "fr", "sw"):
+        write_beir(tmp_path / "m" / lang, split="dev")
+    eager = load_beir(tmp_path / "m", split="dev")
+    lazy = load_beir(tmp_path / "m", split="dev", lazy=True)
+    assert isinstance(lazy, LazyLanguages) and sorted(lazy) == ["de", "fr", "sw"]
+    reads, load_one = [], retrieval._load_one
+    monkeypatch.setattr(retrieval, "_load_one", lambda root, split, lang=None: reads.append(lang) or load_one(root, split, lang))
+    ev = RetrievalEvaluator(lazy, name="m", languages=["sw", "de"])
+    assert reads == []  # nothing read until evaluated
+    got = ev.evaluate(TopicEncoder(), None)
+    assert reads == ["sw", "de"]  # each language read once, when its turn comes
+    assert got == RetrievalEvaluator(eager, name="m", languages=["sw", "de"]).evaluate(TopicEncoder(), None)
+    (tmp_path / "m" / "fr" / "qrels" / "dev.tsv").unlink()
+    with pytest.raises(DataError, match=r"fr.*dev.tsv|dev.tsv.*fr"):
+        load_beir(tmp_path / "m", split="dev", lazy=True)

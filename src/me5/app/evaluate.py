@@ -100,7 +100,11 @@ def _read_json(model: str, filename: str) -> Any | None:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m me5.evaluate``."""
     p = argparse.ArgumentParser(prog="me5-evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="exported model folder or hub id")
+    p.add_argument("--model", default=None, help="exported model folder or hub id")
+    p.add_argument("--run", default=None,
+                   help="a me5.train run folder: evaluate its export of --stage on the run's eval group (the job of "
+                        "eval_after=job; under torchrun every rank takes a part of each corpus)")
+    p.add_argument("--stage", default="finetune", help="with --run: the stage whose export to evaluate")
     p.add_argument("--data", default=None, help="BEIR folder, or folder of per-language BEIR folders (MIRACL)")
     p.add_argument("--suite", default=None, choices=sorted(SUITES),
                    help="a named suite instead of --data: 'paper' = MIRACL dev (16 languages), BUCC, Tatoeba and "
@@ -119,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="metric key prefix (default: the data folder's name)")
     p.add_argument("--output", default=None, help="write metrics to this json file")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--query-max-length", type=int, default=64)
-    p.add_argument("--passage-max-length", type=int, default=128)
+    # the recipe's protocol: 512 tokens on both sides (unilm mteb_beir_eval.py)
+    p.add_argument("--query-max-length", type=int, default=512)
+    p.add_argument("--passage-max-length", type=int, default=512)
     p.add_argument("--prompts", default=None, choices=STYLES, help="override the saved prompt policy")
     p.add_argument("--task", default="generic", choices=sorted(TASKS),
                    help="the task whose instruction the instruct policy puts on queries (default: generic)")
@@ -145,6 +150,10 @@ def load_model(model: str, settings: dict, device: str | None):
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     """Load the model and data named by ``args``, evaluate, print the table and write ``--output``."""
+    if args.run is not None:
+        return run_stage_job(args)
+    if args.model is None:
+        raise ConfigError("--model", "give --model (an exported folder or hub id), or --run")
     if args.suite is not None:
         return run_suite(args)
     if args.data is None:
@@ -182,6 +191,66 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         }
         out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         log.info("wrote %s", out)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- run jobs
+def run_stage_job(args: argparse.Namespace) -> dict[str, float]:
+    """``--run DIR --stage S``: the run's ``eval`` group on its stage-``S`` export, as its own job.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the processes form a group (NCCL on GPUs, else gloo) and share each
+    sharded corpus as the training job would (``eval_after=shared``). Rank 0 writes ``DIR/eval/S.json`` and
+    adds the row to ``DIR/metrics.json`` and ``DIR/results.md``.
+    """
+    import os
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from me5.app.pipeline import build, evaluate_all, write_results
+    from me5.distributed import shutdown_process_group
+
+    run_dir = Path(args.run).resolve()
+    cfg_file = run_dir / ".hydra" / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError("--run", f"{run_dir} is not a me5.train run folder (no .hydra/config.yaml)")
+    export = run_dir / "export" / args.stage
+    if not export.is_dir():
+        have = sorted(p.name for p in (run_dir / "export").iterdir()) if (run_dir / "export").is_dir() else []
+        raise ConfigError("--stage", f"no export of stage '{args.stage}' in {run_dir / 'export'} (have: {have})")
+    cfg = OmegaConf.load(cfg_file)
+    cfg.paths.output_dir = str(run_dir)  # Hydra's ${hydra:runtime.output_dir} is not there outside the run
+    settings = read_model_settings(str(export))
+    if args.prompts is not None:
+        settings["prompts"] = args.prompts
+    prompts = PromptPolicy(settings["prompts"])
+    evaluators = {k: build(v, prompts=prompts) for k, v in (cfg.eval or {}).items()}  # data checks first
+    if not evaluators:
+        raise ConfigError("--run", f"the run's eval group is empty ({cfg_file})")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = args.device
+    if world > 1 and not torch.distributed.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available() and device is None:
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        torch.distributed.init_process_group("nccl" if str(device or "cpu").startswith("cuda") else "gloo")
+    try:
+        encoder, tokenizer, _ = load_model(str(export), settings, device)
+        t0 = time.perf_counter()
+        metrics = evaluate_all(evaluators, encoder, tokenizer)
+        if int(os.environ.get("RANK", "0")) == 0:
+            record = {"stage": args.stage, "export": str(export), "settings": settings, "metrics": metrics,
+                      "eval_s": round(time.perf_counter() - t0, 1), "world_size": world}
+            out = run_dir / "eval" / f"{args.stage}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            old = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+            results = {**old.get("results", {}), args.stage: metrics}
+            write_results(run_dir, results, meta=old.get("meta", {}), timings=old.get("timings_s", {}),
+                          data_counts=old.get("data_counts", {}))
+    finally:
+        shutdown_process_group()
     return metrics
 
 

@@ -45,6 +45,9 @@ def stage_order(stages) -> list[str]:
     return [s for s in STAGES if s in stages]
 
 
+EVAL_AFTER = ("shared", "job")  # see conf/config.yaml eval_after
+
+
 def validate_config(cfg) -> list[str]:
     """Reject unknown or contradictory settings before anything is built; each error names its field."""
     stages = list(cfg.get("stages") or {})
@@ -61,6 +64,8 @@ def validate_config(cfg) -> list[str]:
             if not (float(w) >= 0):
                 raise ConfigError(f"loss.terms.{tname}.weight.{sname}", f"must be >= 0, got {w}")
     build(cfg.prompts)  # an unknown prompt style names prompts.style
+    if cfg.get("eval_after", "shared") not in EVAL_AFTER:
+        raise ConfigError("eval_after", f"unknown '{cfg.eval_after}'; choose one of {list(EVAL_AFTER)}")
     if float(cfg.loss.temperature) <= 0:
         raise ConfigError("loss.temperature", f"must be > 0, got {cfg.loss.temperature}")
     for s in stages:
@@ -134,9 +139,11 @@ def check_run(cfg: DictConfig) -> RunPlan:
         dm.check()
         generated += [Path(p) for src in dm.sources().values() for p in src.generates()]
     for name, ev in (cfg.eval or {}).items():
-        data_dir = (ev.get("data") or {}).get("data_dir")
+        data = ev.get("data")
+        # retrieval: data.data_dir (a load_beir node); bitext: data (the folder itself)
+        data_dir, field = (data.get("data_dir"), "data.data_dir") if isinstance(data, Mapping) else (data, "data")
         if data_dir is not None and not Path(data_dir).is_dir() and not _inside(Path(data_dir), generated):
-            raise DataError(f"no such evaluation data folder (eval.{name}.data.data_dir)", file=str(data_dir))
+            raise DataError(f"no such evaluation data folder (eval.{name}.{field})", file=str(data_dir))
     for s in stages:
         check_init_from(cfg.stages[s].get("init_from"), f"stages.{s}.init_from")
     return RunPlan(stages, plans, datamodules, prompts)

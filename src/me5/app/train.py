@@ -84,7 +84,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
             evaluators = {k: build(v, prompts=plan.prompts) for k, v in cfg.eval.items()}
         encoder = build_encoder(cfg.model.encoder, tokenizer, init_from=scfg.init_from, previous=encoder)
         meta["parameters"] = parameter_counts(encoder)
-        if cfg.eval_baseline and not results and evaluators:
+        if cfg.eval_baseline and not results and evaluators and cfg.eval_after == "shared":
             results["untrained"] = evaluate_all(evaluators, encoder, tokenizer)
         loss = build_loss(cfg.loss.terms, name)
         datamodule.connect(
@@ -115,19 +115,35 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         for lg in trainer.loggers:
             lg.log_metrics({f"data/{k}": float(v) for k, v in data_counts[name].items()}, step=trainer.global_step)
         timings[f"{name}/train_s"] = round(time.perf_counter() - t0, 1)
-        if trainer.is_global_zero:
-            if evaluators:
-                results[name] = evaluate_all(evaluators, encoder, tokenizer)
+        if evaluators and cfg.eval_after == "shared":  # every rank: each encodes and searches its part
+            results[name] = evaluate_all(evaluators, encoder, tokenizer)
+            if trainer.is_global_zero:
                 for lg in trainer.loggers:
                     lg.log_metrics({f"test/{k}": v for k, v in results[name].items()}, step=trainer.global_step)
+        if trainer.is_global_zero:
             export_dir = out_dir / "export" / name
             encoder.save_pretrained(export_dir, tokenizer, prompts=plan.prompts,
                                     extra_metadata={"stage": name, "git": meta["git"]})
             log.info("exported the %s encoder to %s", name, export_dir)
+            if evaluators and cfg.eval_after == "job":
+                log.info("evaluate the %s export with its own job: %s", name, write_eval_job(out_dir, name))
         finish_loggers(trainer.loggers)
     if evaluators is not None and trainer.is_global_zero:
         write_results(out_dir, results, meta=meta, timings=timings, data_counts=data_counts)
     return results
+
+
+def write_eval_job(out_dir: Path, stage: str) -> Path:
+    """``<run dir>/evaluate_<stage>.sh``: the command that evaluates this stage's export on the run's ``eval``
+    group (``bash`` it, ``sbatch`` it, or run it under ``torchrun --nproc-per-node N``)."""
+    script = out_dir / f"evaluate_{stage}.sh"
+    script.write_text(
+        "#!/usr/bin/env bash\n# evaluates the export of stage " + stage + " on this run's eval group; "
+        "for many GPUs: torchrun --nproc-per-node N -m me5.evaluate ...\n"
+        f"exec {sys.executable} -m me5.evaluate --run {out_dir.resolve()} --stage {stage} \"$@\"\n"
+    )
+    script.chmod(0o755)
+    return script
 
 
 def resolved_config(cfg: DictConfig) -> dict:

@@ -510,14 +510,23 @@ class EmbeddingShards:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def blocks(self, *, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
+    def blocks(self, *, dtype=np.float32, files: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """``(offset, block)`` per shard: ``block`` (rows, D) in ``dtype`` holds rows ``offset:offset+rows`` of
-        :attr:`ids`."""
+        :attr:`ids`; ``files``: only these shards (indices in storage order)."""
+        wanted = None if files is None else set(files)
         offset = 0
-        for f in self._files:
+        for j, f in enumerate(self._files):
             arr = np.load(f, mmap_mode="r")
-            yield offset, np.asarray(arr, dtype=dtype)
+            if wanted is None or j in wanted:
+                yield offset, np.asarray(arr, dtype=dtype)
             offset += arr.shape[0]
+
+    def part(self, rank: int, world: int) -> EmbeddingShardPart:
+        """The shards that process ``rank`` of ``world`` searches (every ``world``-th file, whichever rank wrote
+        it): a block source over the same :attr:`ids`, so search results index the whole corpus."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world}")
+        return EmbeddingShardPart(self, rank, world)
 
     def matrix(self, *, dtype=np.float32, order: str = "stored") -> np.ndarray:
         """Every embedding in one array: in storage order (``stored``, as :attr:`ids`) or corpus order (``input``)."""
@@ -531,3 +540,21 @@ class EmbeddingShards:
         if order != "stored":
             raise ValueError(f"order must be 'stored' or 'input', got {order!r}")
         return out
+
+
+class EmbeddingShardPart:
+    """One process's share of an :class:`EmbeddingShards` folder for a distributed search: ``blocks()`` yields
+    only its shards (global offsets); ``ids``, ``len`` and ``dim`` are the whole corpus's, so a search over the
+    part ranks the same doc ids with the same tie order, and the parts' top-k merge into the whole's
+    (:func:`me5.embed.search.merge_topk`)."""
+
+    def __init__(self, shards: EmbeddingShards, rank: int, world: int):
+        self.shards, self.rank, self.world = shards, rank, world
+        self.files = list(range(rank, len(shards._files), world))
+        self.ids, self.dim = shards.ids, shards.dim
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def blocks(self, *, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
+        return self.shards.blocks(dtype=dtype, files=self.files)

@@ -277,14 +277,20 @@ def faiss_search(
                 break
         built.train(np.concatenate(sample))
     built = _to_gpu(faiss, built, res)
-    for _, block in _iter_blocks(docs_ND, doc_block):
-        built.add(_as_numpy(block))
+    labels = []  # faiss numbers vectors in the order added; map back to corpus rows (a part skips some)
+    for d0, block in _iter_blocks(docs_ND, doc_block):
+        blk = _as_numpy(block)
+        built.add(blk)
+        labels.append(np.arange(d0, d0 + blk.shape[0], dtype=np.int64))
+    glob = torch.from_numpy(np.concatenate(labels)) if labels else torch.zeros(0, dtype=torch.long)
     if params:
         space = faiss.GpuParameterSpace() if res is not None and hasattr(faiss, "GpuParameterSpace") else \
             faiss.ParameterSpace()
         space.set_index_parameters(built, params)
     dist_, lab = built.search(q, k)
-    top.add(0, torch.from_numpy(dist_), torch.from_numpy(lab))
+    lab = torch.from_numpy(lab)
+    lab = torch.where(lab >= 0, glob[lab.clamp(min=0)], lab)
+    top.add(0, torch.from_numpy(dist_), lab)
     return top.result()
 
 
@@ -312,6 +318,39 @@ def search(
         return faiss_search(queries_QD, docs_ND, k, doc_ids=doc_ids, index=index, params=params, use_gpu=use_gpu,
                             doc_block=doc_block)
     raise ConfigError("eval.search", f"unknown search '{method}'; choose one of {list(METHODS)}")
+
+
+def merge_topk(parts: Sequence[tuple[Tensor, Tensor]], k: int, *, doc_ids: Sequence[str] | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """The top-``k`` of several searches of disjoint parts of one corpus (indices into the whole corpus), under
+    the same tie order as one search of the whole: exact searches of the parts merge into exactly the exact
+    search of the corpus."""
+    n_q = parts[0][0].size(0) if parts else 0
+    if k <= 0 or not parts:
+        return _empty(n_q)
+    pref = tie_preference(doc_ids) if doc_ids is not None else None
+    top = _TopK(n_q, k, "cpu", pref)
+    for scores, idx in parts:
+        if scores.numel():
+            top.add(0, scores.cpu(), idx.cpu())
+    return top.result()
+
+
+def distributed_search(queries_QD, shards, k: int, *, method: str = "exact", **kwargs) -> tuple[Tensor, Tensor]:
+    """:func:`search` of an :class:`~me5.embed.encode.EmbeddingShards` corpus shared out over the processes of
+    torch.distributed: each searches its part (every world-th shard) for every query and the top-k lists are
+    gathered and merged (:func:`merge_topk`), so every rank works and every rank gets the same result as one
+    process searching the whole corpus (for the exact index; an approximate index is built per part). Without a
+    process group of more than one rank it is :func:`search`."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return search(queries_QD, shards, k, method=method, **kwargs)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    k = min(int(k), len(shards))
+    local = search(queries_QD, shards.part(rank, world), k, method=method, **kwargs)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (local[0].cpu(), local[1].cpu()))
+    return merge_topk(gathered, k, doc_ids=kwargs.get("doc_ids") or shards.ids)
 
 
 def to_run(query_ids: Sequence[str], doc_ids: Sequence[str], scores: Tensor, indices: Tensor) -> dict[str, dict[str, float]]:

@@ -41,7 +41,7 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -482,6 +482,40 @@ def evaluate_mteb(
         out[f"mteb/avg/{task_type.lower()}"] = float(np.mean(scores))
     out["mteb/avg"] = float(np.mean([s for scores in by_type.values() for s in scores]))
     return out
+
+
+class MtebEvaluator:
+    """:func:`evaluate_mteb` with the evaluators' interface (``evaluate(encoder, tokenizer, device=)``), so the
+    ``eval`` config group can run MTEB after a stage like retrieval and bitext mining.
+
+    Args:
+        tasks: mteb task names; ``paper`` (the default): the 56 English tasks of the paper (:data:`PAPER_MTEB_EN`).
+        prompts: the run's prompt policy (bound by the app).
+        batch_size, cache_dir, output_dir, offline: as :func:`evaluate_mteb`.
+
+    ``check_data``: load (and drop) every task's data from the local cache when the evaluator is built -- minutes
+    for the 56 tasks, but a dataset missing from the cache is then an error before training starts, not after it.
+    """
+
+    def __init__(self, tasks: str | Sequence[str] = "paper", *, prompts: PromptPolicy | None = None,
+                 batch_size: int = 64, cache_dir: str | None = None, output_dir: str | None = None,
+                 offline: bool = True, check_data: bool = False):
+        names = list(PAPER_MTEB_EN) if tasks == "paper" else [tasks] if isinstance(tasks, str) else list(tasks)
+        self.tasks = resolve_tasks(names)
+        self.prompts = prompts or PromptPolicy("e5")
+        self.batch_size, self.cache_dir, self.output_dir, self.offline = int(batch_size), cache_dir, output_dir, offline
+        if check_data and offline:
+            with _hf_datasets(cache_dir, offline=True):
+                for task in self.tasks:
+                    leaves = list(task.metadata.tasks) if isinstance(task, AbsTaskAggregate) else [task]
+                    for leaf in leaves:
+                        _load(leaf, cache_dir)
+                        leaf.unload_data()
+
+    def evaluate(self, encoder, tokenizer, *, device=None, show_progress: bool = False) -> dict[str, float]:
+        wrapper = Me5MtebEncoder(encoder, tokenizer, prompts=self.prompts, device=device, batch_size=self.batch_size)
+        return evaluate_mteb(wrapper, self.tasks, prompts=self.prompts, cache_dir=self.cache_dir,
+                             batch_size=self.batch_size, output_dir=self.output_dir, offline=self.offline)
 
 
 def _as_wrapper(model, prompts, batch_size: int) -> Me5MtebEncoder:
