@@ -87,3 +87,44 @@ class SlowEvaluator:
             self.marker.with_suffix(f".{rank}").touch()
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         return {"slow/ranks": float(world), f"slow/rank{rank}_slept": float(first)}
+
+
+# ---------------------------------------------------------------------------------------------- preemption
+class SignalAtStep:
+    """A callback that sends this process ``signal`` when step ``step`` starts (once per ``marker`` file): a
+    preemption (SIGTERM), or a node dying (SIGKILL), at a step the test chooses."""
+
+    def __new__(cls, *args, **kwargs):
+        from lightning.pytorch.callbacks import Callback
+
+        class _SignalAtStep(Callback):
+            def __init__(self, step: int, signal: str, marker: str):
+                self.step, self.signal, self.marker = int(step), signal, Path(marker)
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                import os
+                import signal as _signal
+
+                if trainer.global_step == self.step and not self.marker.exists():
+                    self.marker.touch()
+                    os.kill(os.getpid(), getattr(_signal, self.signal))
+
+        return _SignalAtStep(*args, **kwargs)
+
+
+class NaNGradsAt:
+    """A callback that makes the gradients NaN at the given steps (after the backward, before the guard)."""
+
+    def __new__(cls, *args, **kwargs):
+        from lightning.pytorch.callbacks import Callback
+
+        class _NaNGradsAt(Callback):
+            def __init__(self, steps):
+                self.steps = {int(s) for s in steps}
+
+            def on_after_backward(self, trainer, pl_module) -> None:
+                if trainer.global_step in self.steps:
+                    p = next(q for q in pl_module.parameters() if q.grad is not None)
+                    p.grad.fill_(float("nan"))
+
+        return _NaNGradsAt(*args, **kwargs)

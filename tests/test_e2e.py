@@ -359,3 +359,76 @@ def test_eval_after_job_leaves_the_evaluation_to_its_own_job(tmp_path, data_dir)
     assert job == json.loads(direct.read_text())["metrics"]
     assert "sample ndcg@10" in (run_dir / "results.md").read_text()
     assert evaluate_main(["--run", str(run_dir), "--stage", "finetune"]) == 2  # no such export: named, exit 2
+
+
+# ---------------------------------------------------------------------------------------------- preemption
+def _final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "pretrain" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def test_killed_runs_resume_to_the_uninterrupted_weights_and_history(tmp_path, data_dir):
+    """SIGTERM at a random step: that step's checkpoint is saved and the job exits 143; the rerun is then
+    SIGKILLed at a later step (no checkpoint at the kill) and its newest checkpoint is truncated on disk; the
+    third attempt skips the truncated file, resumes from the one before, and ends bit-identical to an
+    uninterrupted run, with a metrics.csv holding every step once. A fourth rerun changes nothing."""
+    import random
+
+    rng = random.Random(int(os.environ.get("ME5_KILL_SEED", "0")))
+    term_at = rng.randint(1, 3)
+    kill_at = rng.randint(term_at + 1, 5)
+    common = [f"paths.data_dir={data_dir}", *SHORT, "stage=[pretrain]", "eval=none", "eval_baseline=false",
+              "checkpoint_every=2"]
+    ref = tmp_path / "ref"
+    assert _cli([*common, f"hydra.run.dir={ref}"]).returncode == 0
+    run_dir = tmp_path / "killed"
+    base = [*common, f"hydra.run.dir={run_dir}"]
+
+    def killer(sig, step):
+        return ["+callbacks.kill._target_=tests.helpers.SignalAtStep", f"+callbacks.kill.step={step}",
+                f"+callbacks.kill.signal={sig}", f"+callbacks.kill.marker={tmp_path / sig}"]
+
+    r = _cli([*base, *killer("SIGTERM", term_at)])
+    assert r.returncode == 143, r.stderr[-2000:]
+    ckpts = run_dir / "checkpoints" / "pretrain"
+    line = f"me5: SIGTERM at step {term_at + 1}: saved {ckpts / 'last.ckpt'}; exiting 143"
+    assert line in r.stdout, r.stdout[-2000:]
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == term_at + 1
+
+    r = _cli([*base, *killer("SIGKILL", kill_at)])
+    assert r.returncode == -9, r.stderr[-2000:]
+    newest = max(ckpts.glob("step*.ckpt"), key=lambda p: p.stat().st_mtime)
+    (ckpts / "last.ckpt").write_bytes((ckpts / "last.ckpt").read_bytes()[:1000])  # a node died mid-write
+    r = _cli(base)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"checkpoint {ckpts / 'last.ckpt'} is unreadable" in r.stdout + r.stderr
+    a, b = _final_state(ref), _final_state(run_dir)
+    assert a["global_step"] == b["global_step"] == 6 and newest.exists()
+    for k in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=0, msg=k)
+    df = pd.read_csv(run_dir / "csv" / "pretrain" / "metrics.csv")
+    steps = df.dropna(subset=["train/loss"])["step"].tolist()
+    assert steps == list(range(len(steps))) and len(steps) == 6, steps
+    assert losses(run_dir, "pretrain") == losses(ref, "pretrain")
+
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    r = _cli(base)
+    assert r.returncode == 0 and "finished earlier" in r.stdout and "nothing to do" in r.stdout
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    assert {p: t for p, t in after.items() if p.name != "train.log"} == {
+        p: t for p, t in before.items() if p.name != "train.log"}
+
+
+def test_nan_guard_skips_the_step_and_stops_after_k_in_a_row(tmp_path, data_dir):
+    from me5.errors import Me5Error
+
+    extra = ["stage=[pretrain]", "eval=none", "eval_baseline=false", "+callbacks.nan._target_=tests.helpers.NaNGradsAt"]
+    run(cfg_for(tmp_path / "one", data_dir, [*extra, "+callbacks.nan.steps=[2]"]))
+    ck = torch.load(tmp_path / "one" / "run" / "checkpoints" / "pretrain" / "last.ckpt", map_location="cpu",
+                    weights_only=False)
+    assert ck["global_step"] == 6
+    assert {int(s["step"]) for s in ck["optimizer_states"][0]["state"].values()} == {5}  # one update skipped
+    assert all(bool(torch.isfinite(v).all()) for v in ck["state_dict"].values())
+    df = pd.read_csv(tmp_path / "one" / "run" / "csv" / "pretrain" / "metrics.csv")
+    assert df["train/skipped_steps"].dropna().tolist() == [0, 0, 1, 1, 1, 1]
+    with pytest.raises(Me5Error, match=r"not finite for 3 steps in a row \(steps 1-3.*sources: sample/\w+"):
+        run(cfg_for(tmp_path / "three", data_dir, [*extra, "+callbacks.nan.steps=[1,2,3]"]))

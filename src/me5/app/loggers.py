@@ -58,6 +58,7 @@ def wandb_logger(
 
     mode = resolve_wandb_mode(mode)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    run_id = wandb_run_id(save_dir, stage)
     logger = WandbLogger(
         project=project,
         entity=entity,
@@ -67,6 +68,8 @@ def wandb_logger(
         tags=list(tags),
         save_dir=str(save_dir),
         mode=mode,
+        id=run_id,
+        resume="allow",  # a restarted job continues the stage's W&B run instead of opening a second one
     )
     if hparams:
         logger.log_hyperparams(dict(hparams))
@@ -76,14 +79,87 @@ def wandb_logger(
     return logger
 
 
-def csv_logger(*, save_dir: str | Path, run_name: str, stage: str, hparams: Mapping | None = None, **_):
-    """Metrics as ``<save_dir>/csv/<stage>/metrics.csv``, the config as ``hparams.yaml`` beside it."""
-    from lightning.pytorch.loggers import CSVLogger
+def wandb_run_id(save_dir: str | Path, stage: str) -> str:
+    """The stage's W&B run id, made once and kept in ``<save_dir>/wandb_ids.json`` so a rerun resumes it."""
+    import json
 
-    logger = CSVLogger(save_dir=str(save_dir), name="csv", version=stage)
+    path = Path(save_dir) / "wandb_ids.json"
+    ids = json.loads(path.read_text()) if path.is_file() else {}
+    if stage not in ids:
+        import secrets
+
+        ids[stage] = secrets.token_hex(8)
+        path.write_text(json.dumps(ids, indent=1) + "\n")
+    return ids[stage]
+
+
+def csv_logger(*, save_dir: str | Path, run_name: str, stage: str, hparams: Mapping | None = None, **_):
+    """Metrics as ``<save_dir>/csv/<stage>/metrics.csv`` (kept across restarts: :class:`ResumableCSVLogger`),
+    the config as ``hparams.yaml`` beside it."""
+    logger = ResumableCSVLogger(save_dir=str(save_dir), name="csv", version=stage)
     if hparams:
         logger.log_hyperparams(dict(hparams))
     return logger
+
+
+def _resumable_csv_classes():
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class _Writer(ExperimentWriter):
+        """Lightning's writer deletes an existing ``metrics.csv``; this one keeps its rows from before the step
+        the new attempt starts logging at (a resumed run re-logs from its checkpoint's step on), so the file
+        holds one row per step, contiguous from 0, across any number of restarts. The old file stays in place
+        until the first save replaces it atomically (a kill before then loses nothing)."""
+
+        def _check_log_dir_exists(self) -> None:
+            import csv
+
+            self._earlier: list[dict] | None = None
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
+                    self._earlier = list(csv.DictReader(fh))
+            self._cut: int | None = None
+
+        def log_metrics(self, metrics_dict, step=None) -> None:
+            super().log_metrics(metrics_dict, step)
+            if self._cut is None:
+                self._cut = int(self.metrics[-1]["step"])
+
+        def save(self) -> None:
+            if self._earlier is None or not self.metrics:
+                return super().save()
+            import os
+
+            kept = [{k: v for k, v in r.items() if v != ""} for r in self._earlier
+                    if r.get("step", "") != "" and int(float(r["step"])) < self._cut]
+            self.metrics = kept + self.metrics
+            self._earlier = None
+            final, self.metrics_file_path = self.metrics_file_path, self.metrics_file_path + ".tmp"
+            try:
+                if self._fs.isfile(self.metrics_file_path):
+                    self._fs.rm_file(self.metrics_file_path)
+                super().save()  # the whole history into the temporary file, then one rename
+                os.replace(self.metrics_file_path, final)
+            finally:
+                self.metrics_file_path = final
+
+    class _Logger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = _Writer(log_dir=self.log_dir)
+            return self._experiment
+
+    return _Logger
+
+
+def ResumableCSVLogger(**kwargs):  # noqa: N802 -- a class, built lazily so the module imports without Lightning
+    """Lightning's ``CSVLogger`` whose ``metrics.csv`` survives a restart (see ``_Writer``)."""
+    return _resumable_csv_classes()(**kwargs)
 
 
 def no_logger(**_):

@@ -38,6 +38,8 @@ def flatten(d: Mapping, prefix: str = "") -> dict:
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
             out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)) and any(isinstance(x, (Mapping, list, tuple)) for x in v):
+            out.update(flatten({str(i): x for i, x in enumerate(v)}, key + "."))  # trainer.plugins.0._target_
         else:
             out[key] = v
     return out

@@ -8,6 +8,7 @@ exports each stage's encoder, and writes ``metrics.json`` and a results table in
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -62,6 +63,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         write_results,
     )
     from me5.app.runinfo import flatten, git_info, parameter_counts
+    from me5.training.checkpointing import resume_checkpoint
 
     plan = check_run(cfg)  # every check before any heavy work: a failed one leaves only Hydra's files behind
     out_dir = Path(cfg.paths.output_dir)
@@ -70,16 +72,26 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     config = resolved_config(cfg)
     meta = {"git": git_info(), "run_dir": str(out_dir), "command": " ".join(sys.argv)}
     run_name = sweep_run_name(cfg.run_name)
-    results: dict[str, dict[str, float]] = {}
-    timings: dict[str, float] = {}
-    data_counts: dict[str, dict[str, int]] = {}
+    done = finished_stages(out_dir, plan.stages) if cfg.resume else []
+    earlier = _read_json(out_dir / "metrics.json") if done else {}
+    if done and len(done) == len(plan.stages):
+        print(f"me5: {out_dir} finished earlier (every stage has checkpoints/<stage>/{DONE}): nothing to do; "
+              f"results in {out_dir / 'metrics.json'}", flush=True)
+        return dict(earlier.get("results", {}))
+    results: dict[str, dict[str, float]] = dict(earlier.get("results", {}))
+    timings: dict[str, float] = dict(earlier.get("timings_s", {}))
+    data_counts: dict[str, dict[str, int]] = dict(earlier.get("data_counts", {}))
     encoder = tokenizer = evaluators = trainer = None
     for name in plan.stages:
         scfg, batch_plan, datamodule = cfg.stages[name], plan.plans[name], plan.datamodules[name]
         t0 = time.perf_counter()
-        datamodule.prepare_data()
         if tokenizer is None:
             tokenizer = build(cfg.model.tokenizer)
+        if name in done:  # a restart after this stage finished: its export is the next stage's start
+            log.info("stage %s finished earlier (%s): skipped", name, out_dir / "checkpoints" / name / DONE)
+            encoder = build_encoder(cfg.model.encoder, tokenizer, init_from=str(out_dir / "export" / name))
+            continue
+        datamodule.prepare_data()
         if evaluators is None:
             evaluators = {k: build(v, prompts=plan.prompts) for k, v in cfg.eval.items()}
         encoder = build_encoder(cfg.model.encoder, tokenizer, init_from=scfg.init_from, previous=encoder)
@@ -106,8 +118,12 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
             cfg.trainer, max_steps=scfg.max_steps, logger=logger, callbacks=callbacks, default_root_dir=str(out_dir),
             val_check_interval=scfg.val_every, limit_val_batches=1.0 if scfg.val_every else 0,
         )
-        ckpt = ckpt_dir / "last.ckpt"
-        resume = str(ckpt) if cfg.resume and ckpt.exists() else None
+        resume = None
+        if cfg.resume:
+            found, unreadable = resume_checkpoint(ckpt_dir)
+            for path, why in unreadable:
+                log.error("checkpoint %s is unreadable (%s): not used", path, why)
+            resume = str(found) if found is not None else None
         if resume:
             log.info("resuming stage %s from %s", name, resume)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
@@ -128,9 +144,24 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
             if evaluators and cfg.eval_after == "job":
                 log.info("evaluate the %s export with its own job: %s", name, write_eval_job(out_dir, name))
         finish_loggers(trainer.loggers)
-    if evaluators is not None and trainer.is_global_zero:
+        if trainer.is_global_zero:  # the stage is complete: a rerun skips it
+            (ckpt_dir / DONE).write_text(json.dumps({"global_step": trainer.global_step, "export": str(
+                out_dir / "export" / name)}) + "\n")
+    if evaluators is not None and trainer is not None and trainer.is_global_zero:
         write_results(out_dir, results, meta=meta, timings=timings, data_counts=data_counts)
     return results
+
+
+DONE = "done.json"  # <run dir>/checkpoints/<stage>/done.json: the stage trained, exported and evaluated
+
+
+def finished_stages(out_dir: Path, stages) -> list[str]:
+    """The stages of this run folder that completed (their ``done.json`` and export exist)."""
+    return [s for s in stages if (out_dir / "checkpoints" / s / DONE).is_file() and (out_dir / "export" / s).is_dir()]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def write_eval_job(out_dir: Path, stage: str) -> Path:
