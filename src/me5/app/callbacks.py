@@ -283,3 +283,42 @@ class NonFiniteGuard(Callback):
             raise Me5Error(f"the loss or a gradient was not finite for {len(self.run)} steps in a row (steps "
                            f"{self.run[0]}-{self.run[-1]}, {self.skipped} skipped in all); the last batch's sources: "
                            f"{what}. Lower the learning rate or check those sources' data.")
+
+
+# ---------------------------------------------------------------------------------------------- progress
+def _step_progress_bar_class():
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
+
+    class _StepProgressBar(TQDMProgressBar):
+        def on_train_epoch_start(self, trainer, pl_module, *_) -> None:
+            bar = self.train_progress_bar
+            total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+            bar.reset(total=total)
+            bar.initial = bar.n = int(trainer.global_step)  # a resumed run starts at its step; ETA from here on
+            bar.set_description(getattr(pl_module, "stage_name", None) or "train")
+            bar.refresh()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            bar = self.train_progress_bar
+            n = int(trainer.global_step)
+            if bar is not None and self._should_update(n, bar.total):
+                _update_n(bar, n)
+                bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+        def get_metrics(self, trainer, pl_module):
+            m = trainer.callback_metrics
+            out = {}
+            if "loss" in m:
+                out["loss"] = f"{float(m['loss']):.4f}"
+            if "train/pairs_per_s" in m:
+                out["pairs/s"] = f"{float(m['train/pairs_per_s']):,.0f}"
+            return out
+
+    return _StepProgressBar
+
+
+def StepProgressBar(refresh_rate: int = 1):  # noqa: N802 -- a class, built when Lightning is imported
+    """The training bar as ``<stage>: step/total [elapsed<ETA, rate] loss, pairs/s``: counted in optimiser steps
+    of the stage (right after a resume too: it starts at the resumed step), without Lightning's ``v_num``."""
+    return _step_progress_bar_class()(refresh_rate=refresh_rate)

@@ -54,6 +54,7 @@ def wandb_logger(
     With ``local_csv`` a CSV copy of the metrics goes to ``<save_dir>/csv/<stage>/metrics.csv`` as well, so the
     run report (``me5.report``, the notebook) reads them without W&B.
     """
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     mode = resolve_wandb_mode(mode)
@@ -70,6 +71,8 @@ def wandb_logger(
         mode=mode,
         id=run_id,
         resume="allow",  # a restarted job continues the stage's W&B run instead of opening a second one
+        # W&B's own output: its warnings and errors and the run's address, not the banner or the history dump
+        settings=wandb.Settings(quiet=True),
     )
     if hparams:
         logger.log_hyperparams(dict(hparams))

@@ -52,6 +52,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Run every configured stage; return ``{row: {metric: value}}`` (rows: untrained, pretrain, finetune)."""
     import lightning as L
 
+    from me5.app.console import tidy_console
     from me5.app.pipeline import (
         build,
         build_callbacks,
@@ -65,6 +66,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     from me5.app.runinfo import flatten, git_info, parameter_counts
     from me5.training.checkpointing import resume_checkpoint
 
+    tidy_console()
     plan = check_run(cfg)  # every check before any heavy work: a failed one leaves only Hydra's files behind
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,13 +87,14 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     for name in plan.stages:
         scfg, batch_plan, datamodule = cfg.stages[name], plan.plans[name], plan.datamodules[name]
         t0 = time.perf_counter()
-        if tokenizer is None:
-            tokenizer = build(cfg.model.tokenizer)
         if name in done:  # a restart after this stage finished: its export is the next stage's start
             log.info("stage %s finished earlier (%s): skipped", name, out_dir / "checkpoints" / name / DONE)
+            tokenizer = tokenizer or build(cfg.model.tokenizer)
             encoder = build_encoder(cfg.model.encoder, tokenizer, init_from=str(out_dir / "export" / name))
             continue
-        datamodule.prepare_data()
+        datamodule.prepare_data()  # generates the sample data (the sample tokenizer is trained on it)
+        if tokenizer is None:
+            tokenizer = build(cfg.model.tokenizer)
         if evaluators is None:
             evaluators = {k: build(v, prompts=plan.prompts) for k, v in cfg.eval.items()}
         encoder = build_encoder(cfg.model.encoder, tokenizer, init_from=scfg.init_from, previous=encoder)
@@ -114,6 +117,10 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         )
         ckpt_dir = out_dir / "checkpoints" / name
         callbacks = build_callbacks(cfg.callbacks, dirpath=str(ckpt_dir), run_config=config, meta=meta)
+        if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
+            from lightning.pytorch.callbacks import ProgressBar
+
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         trainer = build(
             cfg.trainer, max_steps=scfg.max_steps, logger=logger, callbacks=callbacks, default_root_dir=str(out_dir),
             val_check_interval=scfg.val_every, limit_val_batches=1.0 if scfg.val_every else 0,
