@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-full lint format sweep-example bench bench-data bench-encode notebook clean
+.PHONY: help setup train test test-full lint format sweep-example bench bench-data bench-encode bench-mine notebook clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ bench-data: setup ## data-loader throughput (pairs/s per core) on the sample and
 
 bench-encode: setup ## corpus encoding (passages/s, tokens/s) of me5 vs SentenceTransformer.encode, MIRACL-en projection (CPU ~3 min)
 	$(PY) -m me5.app.bench_encode $(ARGS)
+
+bench-mine: setup ## hard-negative mining (queries/s, passages/s; exact, HNSW, IVF) and teacher scoring (pairs/s) vs sentence-transformers (CPU <1 min). ARGS="--model small --queries 20000 ..."
+	$(PY) -m me5.app.bench_mine $(ARGS)
 
 sweep-example: setup ## a 3-run temperature sweep on the sample data (multirun, one W&B group)
 	$(PY) -m me5.train -m loss.temperature=0.01,0.02,0.05 $(ARGS)

@@ -14,7 +14,7 @@ from tests.helpers import ROOT
 SRC = ROOT / "src" / "me5"
 APP_ONLY = ("hydra", "wandb", "omegaconf", "argparse", "me5.app")
 # the stable command names: three-line shims that start the app
-SHIMS = {"train.py", "evaluate.py", "prepare.py"}
+SHIMS = {"train.py", "evaluate.py", "prepare.py", "mine.py", "score.py"}
 
 
 def library_files():
