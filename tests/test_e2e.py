@@ -432,3 +432,24 @@ def test_nan_guard_skips_the_step_and_stops_after_k_in_a_row(tmp_path, data_dir)
     assert df["train/skipped_steps"].dropna().tolist() == [0, 0, 1, 1, 1, 1]
     with pytest.raises(Me5Error, match=r"not finite for 3 steps in a row \(steps 1-3.*sources: sample/\w+"):
         run(cfg_for(tmp_path / "three", data_dir, [*extra, "+callbacks.nan.steps=[1,2,3]"]))
+
+
+@pytest.mark.parametrize(("strip", "named"), [("negatives", "hard negatives (stages.finetune.n_negatives)"),
+                                              ("teacher_scores", "teacher scores")])
+def test_stage_two_needs_are_checked_before_stage_one(tmp_path, data_dir, strip, named):
+    """Stage-2 data without the negatives / teacher scores the loss needs stops the run before stage 1 trains,
+    naming the source, what it lacks and the command that makes it."""
+    from me5.errors import DataError
+
+    import pyarrow.parquet as pq
+
+    pre, fin = _own_files(tmp_path / "mine", data_dir / "sample", 300, 64)
+    table = pq.read_table(fin)
+    table = table.drop([strip, "teacher_scores"] if strip == "negatives" else [strip])
+    pq.write_table(table, fin)
+    cfg = cfg_for(tmp_path, data_dir, ["data=files", f"data.pretrain.path={pre}", f"data.finetune.path={fin}"])
+    with pytest.raises(DataError, match="source 'files' of stage finetune") as err:
+        run(cfg)
+    assert named in str(err.value) and str(fin) in str(err.value)
+    assert ("me5.mine" in str(err.value)) == (strip == "negatives") and "me5.score" in str(err.value)
+    assert not (tmp_path / "run").exists()  # before any run folder, checkpoint or training

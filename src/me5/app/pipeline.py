@@ -146,7 +146,33 @@ def check_run(cfg: DictConfig) -> RunPlan:
             raise DataError(f"no such evaluation data folder (eval.{name}.{field})", file=str(data_dir))
     for s in stages:
         check_init_from(cfg.stages[s].get("init_from"), f"stages.{s}.init_from")
+    for s in stages:  # stage 2's needs are checked before stage 1 trains, not when stage 2 builds its data
+        check_stage_needs(datamodules[s], s, n_negatives=int(cfg.stages[s].n_negatives),
+                          require_teacher=build_loss(cfg.loss.terms, s).requires_teacher)
     return RunPlan(stages, plans, datamodules, prompts)
+
+
+def check_stage_needs(datamodule, stage: str, *, n_negatives: int, require_teacher: bool, sample: int = 64) -> None:
+    """Every source of the stage must carry what the loss needs: ``n_negatives`` hard negatives and, for
+    distillation, teacher scores. A source whose first ``sample`` records all lack them is an error naming the
+    source, what it lacks and the command that makes it (``me5.mine``, ``me5.score``)."""
+    if not (n_negatives or require_teacher):
+        return
+    for name, src in datamodule.sources().items():
+        got = src.shortfall(n_negatives=n_negatives, require_teacher=require_teacher, sample=sample)
+        if not got or got["read"] == 0 or got["kept"] > 0:
+            continue
+        lacks, make = [], []
+        if got["too_few_negatives"]:
+            lacks.append(f"{n_negatives} hard negatives (stages.{stage}.n_negatives)")
+            make.append(f"python -m me5.mine --data {src.path} --model <stage-1 export> --n {n_negatives} --out <mined>")
+        if require_teacher:  # mined shards carry no teacher scores either: scoring comes after mining
+            lacks.append("teacher scores (the kd loss term)")
+            make.append(f"python -m me5.score --data {'<mined>' if make else src.path} --out <scored>")
+        raise DataError(f"source '{name}' of stage {stage} has none of its first {got['read']} records with "
+                        f"{' and '.join(lacks)}; make them first: {' ; '.join(make)} and point data.{stage} "
+                        f"at the result (or lower stages.{stage}.n_negatives / drop the kd term)",
+                        file=str(src.path))
 
 
 def _inside(path: Path, roots) -> bool:
