@@ -439,9 +439,9 @@ def test_nan_guard_skips_the_step_and_stops_after_k_in_a_row(tmp_path, data_dir)
 def test_stage_two_needs_are_checked_before_stage_one(tmp_path, data_dir, strip, named):
     """Stage-2 data without the negatives / teacher scores the loss needs stops the run before stage 1 trains,
     naming the source, what it lacks and the command that makes it."""
-    from me5.errors import DataError
-
     import pyarrow.parquet as pq
+
+    from me5.errors import DataError
 
     pre, fin = _own_files(tmp_path / "mine", data_dir / "sample", 300, 64)
     table = pq.read_table(fin)

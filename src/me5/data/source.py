@@ -159,6 +159,23 @@ class Source:
             raise DataError(f"source '{self.name}' has no usable examples (counts: {dict(counts)})", file=str(self.path))
         return kept, counts
 
+    def shortfall(self, *, n_negatives: int = 0, require_teacher: bool = False, sample: int = 64) -> dict[str, int]:
+        """What a stage's needs would skip, from the first ``sample`` readable records (a cheap look, no full
+        pass): ``{"read", "too_few_negatives", "no_teacher_scores", "kept"}``. Empty when the data is not local
+        (a hub id) or not there yet (a generated source)."""
+        if self.generates() or resolve_files(self.path, self.data_files) is None:
+            return {}
+        classify = self.classifier(n_negatives=n_negatives, require_teacher=require_teacher, strict=False)
+        counts: Counter = Counter()
+        kept = 0
+        for file, line, record in iter_records(self.path, data_files=self.data_files, name=self.hub_config,
+                                               split=self.split, errors="yield"):
+            kept += classify(record, file, line, counts) is not None
+            if counts["read"] >= sample:
+                break
+        return {"read": counts["read"], "too_few_negatives": counts["skipped/too_few_negatives"],
+                "no_teacher_scores": counts["skipped/no_teacher_scores"], "kept": kept}
+
     # ------------------------------------------------------------------ streaming: shards, sizes
     def wants_streaming(self) -> bool:
         """``streaming`` when set; else True for a hub id, a ``me5.prepare`` shard folder, or > 1 GiB."""
