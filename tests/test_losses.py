@@ -263,3 +263,177 @@ def test_weighted_loss_errors():
         WeightedLoss({}, {})
     with pytest.raises(ConfigError, match="every loss weight is 0"):
         WeightedLoss({"infonce": InfoNCE()}, {"infonce": 0.0})
+
+
+# ------------------------------------------------------------------------------------------------ InfoNCE: mask HN
+def _simlm_kd_ce_reference(q_all_ND, p_PD, *, G, rank, local_batch, mask_hn, keep_NP=None, tau=TAU):
+    """SimLM's contrastive term of the KD loss, written from unilm ``simlm/src/models/biencoder_model.py``.
+
+    ``all_scores`` of every rank's queries against every gathered passage, the rows of rank ``rank``
+    (``index_select``), ``group_indices`` from ``select_grouped_indices(start=rank * B * G)``, ``torch.scatter``
+    of -inf at ``group_indices[:, 1:]`` when ``kd_mask_hn``, then ``cross_entropy(scores, labels)``. ``keep_NP``
+    (False: a duplicate of the row's positive) is ours, not SimLM's; it is applied first, as a -inf fill.
+    """
+    N = q_all_ND.size(0)
+    all_scores = q_all_ND @ p_PD.T / tau
+    all_labels = torch.arange(N) * G  # full_contrastive_scores_and_labels(use_all_pairs=False)
+    if keep_NP is not None:
+        all_scores = all_scores.masked_fill(~keep_NP, float("-inf"))
+    start = rank * local_batch
+    local = torch.arange(start, start + local_batch)
+    scores, labels = all_scores.index_select(0, local), all_labels.index_select(0, local)
+    group_indices = torch.arange(G).repeat(local_batch, 1) + torch.arange(local_batch).unsqueeze(-1) * G
+    group_indices += start * G
+    if mask_hn:
+        scores = torch.scatter(input=scores, dim=1, index=group_indices[:, 1:], value=float("-inf"))
+    return F.cross_entropy(scores, labels)
+
+
+def _duplicate_keep(p_PD, positives):
+    """(N, P) False where a passage equals (exactly) row n's positive, except the positive itself."""
+    same_NP = (p_PD[positives].unsqueeze(1) == p_PD.unsqueeze(0)).all(-1)
+    same_NP[torch.arange(len(positives)), positives] = False
+    return ~same_NP
+
+
+def _infonce_before_option(loss_fn, batch):
+    """InfoNCE.forward as it was before ``mask_hard_negatives`` existed (for the bit-identity check)."""
+    dtype = torch.promote_types(batch.query.dtype, torch.float32)
+    q_BD, p_PD = batch.query.to(dtype), batch.passages.to(dtype)
+    logits_BP = (q_BD @ p_PD.T) * loss_fn.scale()
+    if batch.candidate_mask is not None:
+        keep_BP = batch.candidate_mask.clone()
+        keep_BP[torch.arange(keep_BP.size(0), device=keep_BP.device), batch.positive_index] = True
+        logits_BP = logits_BP.masked_fill(~keep_BP, float("-inf"))
+    return F.cross_entropy(logits_BP, batch.positive_index)
+
+
+@pytest.mark.parametrize("tau", [TAU, 0.2])  # 0.2: every column weighs in the softmax, not only the hard ones
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("with_duplicates", [False, True])
+def test_infonce_mask_hard_negatives_matches_simlm(world, with_duplicates, tau):
+    B, G, D = 3, 3, 8
+    g = torch.Generator().manual_seed(21 + world)
+    q_all = F.normalize(torch.randn(world * B, D, generator=g, dtype=torch.float64), dim=-1)
+    noise = 0.4 * torch.randn(world * B * G, D, generator=g, dtype=torch.float64)
+    # hard negatives: every member of a group lies near its query
+    p = F.normalize(q_all.repeat_interleave(G, dim=0) + noise, dim=-1)
+    positives = [n * G for n in range(world * B)]
+    keep = None
+    if with_duplicates:
+        p[4] = p[0]  # query 1's hard negative is query 0's positive: masked for query 0 by the duplicate mask
+        p[2] = p[0]  # query 0's own hard negative duplicates its positive: masked either way
+        p[7] = p[1]  # query 2's hard negative is query 0's hard negative: SimLM masks columns, so it stays
+        if world > 1:
+            p[13] = p[3]  # rank 1's query 4 holds a copy of rank 0's query 1 positive (cross-rank duplicate)
+        keep = _duplicate_keep(p, positives)
+        assert not keep[0, 4] and not keep[0, 2] and keep[0, 7] and keep[2, 1]
+        assert world == 1 or not keep[1, 13]
+    q_all.requires_grad_()
+    p.requires_grad_()
+
+    total_ours, total_ref = 0.0, 0.0
+    for rank in range(world):
+        rows = slice(rank * B, (rank + 1) * B)
+        batch = EmbeddingBatch.build(
+            q_all[rows], p, group_size=G, rank=rank, candidate_mask=None if keep is None else keep[rows]
+        )
+        ours = InfoNCE(temperature=tau, mask_hard_negatives=True)(batch)
+        ref = _simlm_kd_ce_reference(
+            q_all, p, G=G, rank=rank, local_batch=B, tau=tau, mask_hn=True, keep_NP=keep
+        )
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+        for got, want in zip(_grads(ours, q_all, p), _grads(ref, q_all, p), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+        # the mask matters: SimLM without kd_mask_hn is the option off, and differs from it
+        off = InfoNCE(temperature=tau)(batch)
+        ref_off = _simlm_kd_ce_reference(
+            q_all, p, G=G, rank=rank, local_batch=B, tau=tau, mask_hn=False, keep_NP=keep
+        )
+        torch.testing.assert_close(off, ref_off, rtol=0, atol=1e-10)
+        assert (ours - off).abs().item() > 1e-3
+        # each local query's own hard negatives get no gradient through its own term
+        for i in range(B):
+            single = EmbeddingBatch.build(
+                q_all[rows][i : i + 1],
+                p,
+                group_size=G,
+                rank=rank * B + i,
+                local_batch=1,
+                candidate_mask=None if keep is None else keep[rows][i : i + 1],
+            )
+            own = (rank * B + i) * G
+            (dp,) = _grads(InfoNCE(temperature=tau, mask_hard_negatives=True)(single), p)
+            assert dp[own + 1 : own + G].abs().max().item() == 0.0
+            (dp_off,) = _grads(InfoNCE(temperature=tau)(single), p)
+            assert dp_off[own + 1 : own + G].abs().max().item() > 0  # they are hard: unmasked they get one
+        total_ours, total_ref = total_ours + ours.detach(), total_ref + ref.detach()
+
+    # the union batch: rank-mean of the per-rank losses is SimLM's cross_entropy(all_scores, all_labels)
+    all_scores = (
+        (q_all @ p.T / tau).masked_fill(~keep, float("-inf")) if keep is not None else q_all @ p.T / tau
+    )
+    own_hn = torch.tensor(positives).unsqueeze(1) + torch.arange(1, G)
+    union = F.cross_entropy(all_scores.scatter(1, own_hn, float("-inf")), torch.tensor(positives))
+    torch.testing.assert_close(total_ours / world, union, rtol=0, atol=1e-10)
+    torch.testing.assert_close(total_ref / world, union, rtol=0, atol=1e-10)
+
+
+def test_infonce_mask_hard_negatives_removes_false_negatives():
+    """Hard negatives equal to the positive (false negatives) tie with it: log G when kept, 0 when masked."""
+    B, G, D = 3, 4, 16
+    q = torch.eye(D, dtype=torch.float64)[:B]
+    p = q.repeat_interleave(
+        G, dim=0
+    )  # every passage of group i is q_i; the other groups are orthogonal to it
+    batch = EmbeddingBatch.build(q, p, group_size=G)
+    kept = InfoNCE(temperature=TAU)(batch)
+    masked = InfoNCE(temperature=TAU, mask_hard_negatives=True)(batch)
+    assert kept.item() == pytest.approx(math.log(G), abs=1e-12)
+    assert masked.item() < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_infonce_mask_hard_negatives_off_is_bit_identical(dtype, with_mask):
+    B, G, world, rank = 4, 3, 2, 1
+    q, p = _embeddings(B, G, world=world, seed=31)
+    q, p = q.detach().to(dtype).requires_grad_(), p.detach().to(dtype).requires_grad_()
+    mask = torch.rand(B, p.size(0), generator=torch.Generator().manual_seed(4)) > 0.3 if with_mask else None
+    batch = EmbeddingBatch.build(q, p, group_size=G, rank=rank, candidate_mask=mask)
+    before = _infonce_before_option(InfoNCE(temperature=TAU), batch)
+    before_grads = _grads(before, q, p)
+    for loss_fn in (InfoNCE(temperature=TAU), InfoNCE(temperature=TAU, mask_hard_negatives=False)):
+        now = loss_fn(batch)
+        assert torch.equal(now, before)
+        for got, want in zip(_grads(now, q, p), before_grads, strict=True):
+            assert torch.equal(got, want)
+    assert not torch.equal(InfoNCE(temperature=TAU, mask_hard_negatives=True)(batch), before)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_infonce_mask_hard_negatives_changes_nothing_without_hard_negatives(with_mask):
+    B, G, world, rank = 4, 1, 2, 1
+    q, p = _embeddings(B, G, world=world, seed=37)
+    mask = torch.rand(B, p.size(0), generator=torch.Generator().manual_seed(5)) > 0.3 if with_mask else None
+    batch = EmbeddingBatch.build(q, p, group_size=G, rank=rank, candidate_mask=mask)
+    on = InfoNCE(temperature=TAU, mask_hard_negatives=True)(batch)
+    off = InfoNCE(temperature=TAU)(batch)
+    assert torch.equal(on, off)
+    for got, want in zip(_grads(on, q, p), _grads(off, q, p), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_infonce_mask_hard_negatives_config_field(tmp_path):
+    from me5.app.pipeline import build_loss
+    from tests.helpers import compose_cfg
+
+    default = build_loss(compose_cfg(tmp_path=tmp_path).loss.terms, "finetune")
+    assert default.terms["infonce"].mask_hard_negatives is False
+    on = compose_cfg(["loss.terms.infonce.term.mask_hard_negatives=true"], tmp_path=tmp_path)
+    assert build_loss(on.loss.terms, "finetune").terms["infonce"].mask_hard_negatives is True
+    bad = compose_cfg(["loss.terms.infonce.term.mask_hard_negatives=yes"], tmp_path=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        build_loss(bad.loss.terms, "finetune")
+    assert err.value.field == "loss.terms.infonce.term.mask_hard_negatives"
