@@ -58,6 +58,11 @@ def test_every_option_composes_and_targets_resolve(group, tmp_path):
                 validate_config(cfg)
             cfg = compose_cfg([f"{group}={option}", "data.pretrain.path=/x.jsonl", "data.finetune.path=/y.jsonl"],
                               tmp_path=tmp_path)
+        if option == "me5_large_instruct":  # refuses to start without the mE5-large stage-1 weights
+            with pytest.raises(ConfigError, match=r"'start_from'.*must be given"):
+                validate_config(cfg)
+            cfg = compose_cfg([f"{group}={option}", "start_from=/runs/large/export/pretrain"], tmp_path=tmp_path)
+            assert cfg.stages.finetune.init_from == "/runs/large/export/pretrain"
         validate_config(cfg)
 
 

@@ -267,7 +267,8 @@ def test_instruct_experiment_trains_evaluates_and_exports_with_the_instruct_poli
 
     monkeypatch.setattr(PairCollator, "__call__", spy)
     cfg = cfg_for(tmp_path, data_dir, ["experiment=me5_large_instruct", "model=tiny", "data=sample", "eval=sample",
-                                       "trainer=cpu", "logger=csv", "eval_baseline=false", "checkpoint_every=500"])
+                                       "trainer=cpu", "logger=csv", "eval_baseline=false", "checkpoint_every=500",
+                                       "start_from=null"])  # explicitly: the tiny model's own initialisation
     assert cfg.prompts.style == "instruct" and list(cfg.stages) == ["finetune"]
     results = run(cfg)
     template = f"Instruct: {TASKS['generic']}\nQuery: "  # the sample source's task

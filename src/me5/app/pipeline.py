@@ -63,6 +63,9 @@ def validate_config(cfg) -> list[str]:
                 raise ConfigError(f"loss.terms.{tname}.weight.{sname}", f"unknown stage; stages are {list(STAGES)}")
             if not (float(w) >= 0):
                 raise ConfigError(f"loss.terms.{tname}.weight.{sname}", f"must be >= 0, got {w}")
+    for key in cfg:  # a top-level ??? (e.g. an experiment's start_from) must be given on the command line
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(str(key), f"must be given (e.g. {key}=<run dir>/export/pretrain): see the experiment")
     build(cfg.prompts)  # an unknown prompt style names prompts.style
     if cfg.get("eval_after", "shared") not in EVAL_AFTER:
         raise ConfigError("eval_after", f"unknown '{cfg.eval_after}'; choose one of {list(EVAL_AFTER)}")
