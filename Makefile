@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-full lint format sweep-example bench bench-data bench-encode bench-mine notebook clean
+.PHONY: help setup train test test-full lint format sweep-example bench bench-data bench-encode bench-mine report notebook clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -57,9 +57,15 @@ bench-mine: setup ## hard-negative mining (queries/s, passages/s; exact, HNSW, I
 sweep-example: setup ## a 3-run temperature sweep on the sample data (multirun, one W&B group)
 	$(PY) -m me5.train -m loss.temperature=0.01,0.02,0.05 $(ARGS)
 
-notebook: setup ## execute notebooks/run_report.ipynb on the latest run (outputs are not committed)
+report: setup ## report.md + loss PNG of a run, or one table across a sweep; ARGS="[DIR] [--wandb]" (default: newest under $ME5_LOG_DIR, else outputs/)
+	$(PY) -m me5.app.report $(ARGS)
+
+$(VENV)/.notebook: $(VENV)/.installed
 	$(PIP) install -q -c constraints.txt -e ".[notebook]" 2>&1 | { grep -v "is ignored" || true; }
-	$(VENV)/bin/jupyter nbconvert --to notebook --execute notebooks/run_report.ipynb --output /tmp/run_report.ipynb
+	touch $@
+
+notebook: $(VENV)/.notebook ## execute notebooks/run_report.ipynb on the newest run or sweep ($ME5_LOG_DIR, else outputs/; outputs not committed)
+	$(PY) -m nbconvert --to notebook --execute notebooks/run_report.ipynb --output-dir $${TMPDIR:-/tmp} --output run_report.ipynb
 
 clean: ## remove generated data, runs and caches (keeps .venv)
 	rm -rf data/sample outputs multirun .pytest_cache

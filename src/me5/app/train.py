@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+import me5.app.resolvers  # noqa: F401 -- registers ${me5.slurm_count:...} / ${me5.slurm_gpus:...} of hydra/launcher=slurm
 from me5.distributed import shutdown_process_group
 from me5.errors import Me5Error
 
