@@ -36,8 +36,10 @@ from pathlib import Path
 
 import torch
 
+from me5.prompts import PromptPolicy
+
 MIRACL_EN_PASSAGES = 32_893_221  # miracl-corpus v1.0 English (MIRACL, Zhang et al. 2023, Table 1)
-PREFIX = "passage: "
+PREFIX = PromptPolicy("e5").document()  # both methods embed passages with E5's document prompt
 
 
 def _gt_folder() -> Path:

@@ -47,6 +47,10 @@ from pathlib import Path
 
 import torch
 
+from me5.prompts import PromptPolicy
+
+E5 = PromptPolicy("e5")  # the prompts sentence-transformers gets: the same strings as me5's
+
 TINY = dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
             max_position_embeddings=512, type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
@@ -167,8 +171,8 @@ def bench_st(records, retriever: Path, work: Path, *, label: str, use_faiss: boo
         _sync(device)
         t0 = time.perf_counter()
         mined = mine_hard_negatives(ds, st, corpus=corpus, range_min=0, range_max=range_max, relative_margin=0.05,
-                                    num_negatives=n, sampling_strategy="top", query_prompt="query: ",
-                                    corpus_prompt="passage: ", output_format="labeled-list", batch_size=batch,
+                                    num_negatives=n, sampling_strategy="top", query_prompt=E5.query(),
+                                    corpus_prompt=E5.document(), output_format="labeled-list", batch_size=batch,
                                     use_faiss=use_faiss, cache_folder=str(cache), verbose=False)
         _sync(device)
         times.append(time.perf_counter() - t0)
