@@ -326,8 +326,16 @@ def test_bad_records_when_streaming_name_file_and_line_or_are_counted(tmp_path, 
     with pytest.raises(DataError, match=r"bad\.jsonl:5"):  # from inside a worker: still a DataError naming file:line
         for _ in range(3):
             next(it)
-    for w in it._workers:  # torch waits 5 s per worker to shut down after a worker error; not what is tested
+    # torch waits 5 s per worker to shut down after a worker error (not what is tested): stop them here, first
+    # unregistering them from torch's SIGCHLD check, which otherwise reports "worker killed by signal:
+    # Terminated" into whichever test runs next
+    from torch.utils.data._utils.signal_handling import _remove_worker_pids
+
+    _remove_worker_pids(id(it))
+    it._shutdown = True
+    for w in it._workers:
         w.terminate()
+        w.join(timeout=10)
     dm = connected(one_source(tmp_path / "d", streaming=True, strict=False), tokenizer, global_batch_size=4)
     run(dm, 3)  # 12 slots over the 10 good records: wraps into the second epoch
     counts = dm.data_counts()  # each bad record counted under its reason (the taxonomy me5.data.records shares)
