@@ -137,6 +137,9 @@ def iter_jsonl_at(
                     except json.JSONDecodeError as exc:
                         err = BadLine(f"malformed JSON ({exc.msg} at column {exc.colno})", reason="malformed_json",
                                       file=str(path), line=line_no)
+                    except (ValueError, RecursionError) as exc:  # an integer over 4300 digits, nesting too deep
+                        err = BadLine(f"malformed JSON ({type(exc).__name__}: {str(exc)[:120]})",
+                                      reason="malformed_json", file=str(path), line=line_no)
                     else:
                         if not isinstance(record, dict) and not (allow_arrays and isinstance(record, list)):
                             err = BadLine(f"expected a JSON object, got {type(record).__name__}", reason="malformed_json",
@@ -193,10 +196,21 @@ def iter_parquet(path: str | os.PathLike, *, batch_rows: int = 4096) -> Iterator
     """Yield ``(row_number, record)`` (1-based) from a parquet file, reading it in row batches."""
     pf = _open_parquet(Path(path))
     row = 0
-    for batch in pf.iter_batches(batch_size=batch_rows):
-        for record in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=batch_rows)
+    while True:
+        try:  # a corrupt page raises when its batch is decoded (OSError, ArrowInvalid, UnicodeDecodeError, ...)
+            batch = next(batches, None)
+            records = batch.to_pylist() if batch is not None else None
+        except Exception as err:
+            raise DataError(f"cannot read the rows after row {row} ({type(err).__name__}: {err})",
+                            file=str(path)) from err
+        if records is None:
+            break
+        for record in records:
             row += 1
             yield row, record
+    if row != pf.metadata.num_rows:  # a corrupt page can decode to fewer rows without an error
+        raise DataError(f"the file has {pf.metadata.num_rows} rows but {row} could be read", file=str(path))
 
 
 def read_row_group(path: str | os.PathLike, index: int):
@@ -226,8 +240,10 @@ def iter_records(
     """
     files = resolve_files(path, data_files)
     if files is None:
-        for i, record in enumerate(load_hub_stream(path, name=name, split=split, data_files=data_files), start=1):
-            yield f"hub:{path}/{split}", i, record
+        where = f"hub:{path}/{split}"
+        stream = load_hub_stream(path, name=name, split=split, data_files=data_files)
+        for i, record in enumerate(hub_rows(stream, where=where), start=1):
+            yield where, i, record
         return
     for f in files:
         if f.suffix == ".parquet":
@@ -247,6 +263,22 @@ def load_hub_stream(path, *, name=None, split="train", data_files=None):
         return datasets.load_dataset(str(path), name, split=split, streaming=True, **kwargs)
     except Exception as err:
         raise DataError(f"cannot load hub dataset ({err.__class__.__name__}: {err})", file=f"hub:{path}") from err
+
+
+def hub_rows(rows, *, where: str, read: int = 0) -> Iterator:
+    """The items of a ``datasets`` stream; what reading raises (a cast or parse error of a shard, a lost
+    connection) becomes a :class:`DataError` naming ``where`` and the example that could not be read."""
+    it = iter(rows)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as err:
+            raise DataError(f"cannot read the hub dataset after example {read} ({type(err).__name__}: {err})",
+                            file=where, line=read + 1) from err
+        read += 1
+        yield row
 
 
 # ---------------------------------------------------------------------------------------------- units

@@ -7,8 +7,9 @@ counts ``kept``, since it may drop more later, e.g. the consistency filter). The
 are checked:
 
 ============================  ==========================================================================
-malformed input               ``undecodable``, ``malformed_json`` (an unreadable jsonl line),
-(an error with ``strict``)    ``missing_field``, ``empty_text``, ``bad_type``, ``bad_teacher_scores``,
+malformed input               ``undecodable`` (a jsonl line that is not UTF-8, a text that is not valid
+(an error with ``strict``)    Unicode), ``malformed_json`` (a jsonl line that is not a JSON object),
+                              ``missing_field``, ``empty_text``, ``bad_type``, ``bad_teacher_scores``,
                               ``malformed`` (any other :class:`~me5.errors.DataError` of a record)
 the source's own skips        what its ``convert`` raises as :class:`~me5.errors.SkipRecord`
                               (``empty_<field>``, ``no_positive``, ...)
@@ -38,6 +39,8 @@ def malformed_reason(err: DataError) -> str:
     if isinstance(err, BadLine):
         return err.reason
     msg = err.message
+    if msg.startswith("not valid Unicode"):
+        return "undecodable"
     if msg.startswith(("missing required field", "missing raw field", "none of the raw fields")):
         return "missing_field"
     if msg == "empty text":

@@ -36,7 +36,19 @@ def _text(value, *, field: str, file, line) -> str:
     value = value.strip()
     if not value:
         raise DataError("empty text", file=file, line=line, field=field)
+    _unicode(value, field=field, file=file, line=line)
     return value
+
+
+def _unicode(value: str, *, field: str, file, line) -> None:
+    """A lone surrogate (JSON's escaped ``"\\ud800"`` reads as one) is no text: the tokenizer and the shard writer
+    would fail on it far from here."""
+    if not value.isascii():  # O(1)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(f"not valid Unicode ({err.reason} at character {err.start})", file=file, line=line,
+                            field=field) from None
 
 
 def to_example(
@@ -72,9 +84,11 @@ def to_example(
             )
         try:
             scores = tuple(float(s) for s in scores)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, OverflowError) as err:  # OverflowError: an integer beyond float range
             raise DataError(f"not a number ({err})", file=file, line=line, field="teacher_scores") from err
         if not all(math.isfinite(s) for s in scores):
             raise DataError("scores must be finite", file=file, line=line, field="teacher_scores")
-    lang = fields.get("lang") or default_lang
-    return PairExample(query, positive, negatives, scores, str(lang), str(fields.get("source") or source))
+    lang, name = str(fields.get("lang") or default_lang), str(fields.get("source") or source)
+    _unicode(lang, field="lang", file=file, line=line)
+    _unicode(name, field="source", file=file, line=line)
+    return PairExample(query, positive, negatives, scores, lang, name)

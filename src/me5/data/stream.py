@@ -49,7 +49,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from me5.batching import BatchPlan
-from me5.data.readers import Unit, count_lines, iter_jsonl_at, load_hub_stream, read_row_group
+from me5.data.readers import Unit, count_lines, hub_rows, iter_jsonl_at, load_hub_stream, read_row_group
 from me5.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,8 @@ class LeafReader:
         if unit.kind == "parquet":
             table = read_row_group(unit.file, unit.row_group)
             n = table.num_rows
+            if unit.rows is not None and n != unit.rows:  # a corrupt page can decode to fewer rows without an error
+                raise DataError(f"row group {unit.row_group} has {unit.rows} rows but {n} could be read", file=unit.file)
             if self.shuffle_rows:
                 rows = np.random.default_rng([self.seed, ROW_TAG, _key_seed(self.leaf.key), self.epoch, u]).permutation(n)
             else:
@@ -344,7 +346,11 @@ class LeafReader:
             js = np.arange(start, n, stride)
             for c in range(0, len(js), 1024):
                 chunk = js[c: c + 1024]
-                recs = table.take(rows[chunk]).to_pylist()
+                try:  # a corrupt page may decode only here (e.g. a string that is not UTF-8)
+                    recs = table.take(rows[chunk]).to_pylist()
+                except Exception as err:
+                    raise DataError(f"cannot read row group {unit.row_group} ({type(err).__name__}: {err})",
+                                    file=unit.file) from err
                 for j, rec in zip(chunk.tolist(), recs):
                     self.offset = j + 1
                     yield rec, unit.file, unit.first_row + int(rows[j])
@@ -393,7 +399,7 @@ class HubLeafReader:
             kept_before, read_any = self.counts.get("kept", 0), False
             # ``iter`` (not ``__iter__``): inside a DataLoader worker ``__iter__`` would split the shards over the
             # workers a second time; the split over all readers is already done
-            for row in self.ds.iter(batch_size=1):
+            for row in hub_rows(self.ds.iter(batch_size=1), where=self.where, read=self.read):
                 rec = {k: v[0] for k, v in row.items()}
                 self.read += 1
                 read_any = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from me5.data.source import Source
+from me5.data.sources.raw import require_mapping
 from me5.errors import DataError
 
 
@@ -22,6 +23,7 @@ class ColumnPairs(Source):
         self.columns = dict(columns or {})
 
     def convert(self, record: Mapping) -> Mapping:
+        record = require_mapping(record)  # a jsonl line may be a JSON array
         out = {}
         for field in ("query", "positive", "negatives", "teacher_scores", "lang"):
             column = self.columns.get(field, field)

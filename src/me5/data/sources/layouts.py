@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from me5.data.sources.raw import RawPairSource, get_field, get_text, nonempty
+from me5.data.sources.raw import RawPairSource, get_field, get_text, has, nonempty
 from me5.errors import DataError, SkipRecord
 
 #: titles that mean "no title" (RocketQA/Tevatron MS MARCO passages carry "-")
@@ -141,13 +141,13 @@ class SupervisedPairs(RawPairSource):
     one_language_per_file = True
 
     def pair(self, record: Mapping) -> Mapping:
-        if "positive_passages" in record:
+        if has(record, "positive_passages"):
             return tevatron_fields(record)
-        if "pos" in record:
+        if has(record, "pos"):
             return listed_fields(record, pos="pos", neg="neg", pos_scores="pos_scores", neg_scores="neg_scores")
-        if "anchor" in record:
+        if has(record, "anchor"):
             return triplet_fields(record)
-        if "positive" in record:
+        if has(record, "positive"):
             return listed_fields(record, pos="positive", neg="negative")
         raise DataError(
             "unknown record layout: expected Tevatron 'positive_passages', FlagEmbedding 'pos', sentence-transformers "

@@ -68,7 +68,11 @@ class MC4Pairs(RawPairSource):
 
 def url_title(url: str) -> str:
     """A title from a URL's last path segment; :class:`SkipRecord` (``no_url_title``) when it has no words."""
-    segments = [s for s in urlsplit(url.strip()).path.split("/") if s]
+    try:
+        path = urlsplit(url.strip()).path
+    except ValueError:  # an unparsable URL (an unclosed IPv6 bracket, a host that is invalid under NFKC)
+        raise SkipRecord("no_url_title") from None
+    segments = [s for s in path.split("/") if s]
     slug = URL_EXTENSION.sub("", unquote(segments[-1])) if segments else ""
     words = [w for w in URL_WORD_SEP.split(slug) if w]
     if not any(any(c.isalpha() for c in w) for w in words):

@@ -59,10 +59,11 @@ class NLLBPairs(RawPairSource):
     def pair(self, record: Mapping) -> Mapping:
         translation = get_field(record, "translation", kind=Mapping)
         src, tgt = self.src_lang, self.tgt_lang
-        if src is None:
-            if len(translation) != 2:
-                raise DataError(f"expected 2 languages, got {sorted(translation)}", field="translation")
-            src, tgt = list(translation)
+        if src is None:  # a parquet struct column holds every language of the file: null where a pair has none
+            langs = [lang for lang, text in translation.items() if text is not None]
+            if len(langs) != 2:
+                raise DataError(f"expected 2 languages, got {sorted(langs)}", field="translation")
+            src, tgt = langs
         query = nonempty(get_field(translation, src, label=f"translation.{src}"), "translation")
         positive = nonempty(get_field(translation, tgt, label=f"translation.{tgt}"), "translation")
         if self.min_laser_score is not None:

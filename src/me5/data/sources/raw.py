@@ -45,6 +45,13 @@ def get_field(record: Mapping, key: str, *, kind: type | tuple[type, ...] = str,
     return value
 
 
+def has(record: Mapping, column: str) -> bool:
+    """The record has ``column``, not null: how a layout (a record shape) is known by its marker column. A null
+    column counts as absent, as in :func:`get_field`: a parquet file (or a ``datasets`` stream) that mixes layouts
+    has every layout's columns, null where a row has none."""
+    return record.get(column) is not None
+
+
 def nonempty(text: str, name: str) -> str:
     """``text`` stripped; an empty one is skipped and counted as ``skipped/empty_<name>``."""
     text = text.strip()

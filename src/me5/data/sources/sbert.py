@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from me5.data.sources.raw import RawPairSource, get_field, nonempty
+from me5.data.sources.raw import RawPairSource, get_field, has, nonempty
 from me5.errors import DataError, SkipRecord
 
 
@@ -51,18 +51,18 @@ class SbertPairs(RawPairSource):
         return super().convert(record)
 
     def pair(self, record: Mapping) -> Mapping:
-        if "set" in record:
+        if has(record, "set"):  # a null column is absent (a parquet file of mixed shapes has every column)
             texts = _texts(get_field(record, "set", kind=list), "set")
             if len(texts) < 2:
                 raise SkipRecord("too_few_texts")
             return self._out(texts[0], texts[1], (), ("set", "set"))
-        if "query" in record:
+        if has(record, "query"):
             pos = _texts(get_field(record, "pos", kind=list), "pos")
             if not pos:
                 raise SkipRecord("too_few_texts")
             neg = _texts(get_field(record, "neg", kind=list), "neg") if record.get("neg") is not None else []
             return self._out(get_field(record, "query"), pos[0], neg, ("query", "pos"))
-        if "anchor" in record:
+        if has(record, "anchor"):
             neg = [get_field(record, "negative")] if record.get("negative") is not None else []
             return self._out(get_field(record, "anchor"), get_field(record, "positive"), neg, ("anchor", "positive"))
         raise DataError(

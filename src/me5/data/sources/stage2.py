@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 from me5.data.sources.layouts import SupervisedPairs, passage_text
 from me5.data.sources.nllb import NLLBPairs
-from me5.data.sources.raw import RawPairSource, get_text
+from me5.data.sources.raw import RawPairSource, get_text, has
 from me5.errors import ConfigError
 
 
@@ -95,7 +95,7 @@ class SQuAD(SupervisedPairs):
     task = "squad"
 
     def pair(self, record: Mapping) -> Mapping:
-        if "context" not in record:
+        if not has(record, "context"):
             return super().pair(record)
         title = record.get("title")
         passage = {"title": title.replace("_", " ") if isinstance(title, str) else title, "text": record["context"]}
@@ -132,7 +132,7 @@ class ELI5(SupervisedPairs):
     task = "eli5"
 
     def pair(self, record: Mapping) -> Mapping:
-        if "answer" not in record:
+        if not has(record, "answer"):
             return super().pair(record)
         return {"query": get_text(record, "question"), "positive": get_text(record, "answer")}
 
