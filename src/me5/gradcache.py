@@ -16,6 +16,10 @@ Length bucketing (``sort_by_length=True``): rows are sorted by real length (long
 are cut into chunks, so each chunk holds rows of similar length and carries little padding; the embeddings are
 put back into batch order before the loss, and the loss gradients are permuted the same way for step 3. The
 result is the gradient of the same loss (only the dropout draws differ, as they are drawn per chunk).
+
+Each side's inputs are ``(input_ids, attention_mask)``, optionally with a third, per-row tensor (each row's
+``prompt_length``, for pooling without the prompt): every tensor is cut by rows the same way, the 2-D ones by
+columns too, and the encoder is called with all of them.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import get_device_states, set_device_states
 
-Inputs = Mapping[str, Tensor] | tuple[Tensor, Tensor]
+Inputs = Mapping[str, Tensor] | tuple[Tensor, ...]
 LossFn = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 
 
@@ -129,40 +133,47 @@ def plan_chunks(
     return order, chunks
 
 
-def _unpack(inputs: Inputs) -> tuple[Tensor, Tensor]:
+def _unpack(inputs: Inputs) -> tuple[Tensor, ...]:
+    """``(input_ids, attention_mask[, prompt_length])``."""
     if isinstance(inputs, Mapping):
-        return inputs["input_ids"], inputs["attention_mask"]
-    input_ids, attention_mask = inputs
-    return input_ids, attention_mask
+        extra = (inputs["prompt_length"],) if inputs.get("prompt_length") is not None else ()
+        return (inputs["input_ids"], inputs["attention_mask"], *extra)
+    if len(inputs) not in (2, 3):
+        raise ValueError(f"expected (input_ids, attention_mask[, prompt_length]), got {len(inputs)} tensors")
+    return tuple(inputs)
 
 
-def _trim(input_ids_BT: Tensor, attention_mask_BT: Tensor) -> tuple[Tensor, Tensor]:
-    """Drop the columns that are padding in every row (trailing for right, leading for left padding)."""
+def _rows(tensors: Sequence[Tensor], index) -> tuple[Tensor, ...]:
+    return tuple(t[index] for t in tensors)
+
+
+def _trim(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Drop the columns that are padding in every row (trailing for right, leading for left padding) from the
+    (N, T) ids and mask; a per-row tensor after them is unchanged."""
+    input_ids_BT, attention_mask_BT, *rest = tensors
     cols = attention_mask_BT.bool().any(dim=0).nonzero().flatten()
-    if cols.numel() == 0:
-        return input_ids_BT[:, :1], attention_mask_BT[:, :1]
-    cols = slice(int(cols[0]), int(cols[-1]) + 1)
-    return input_ids_BT[:, cols], attention_mask_BT[:, cols]
+    cols = slice(0, 1) if cols.numel() == 0 else slice(int(cols[0]), int(cols[-1]) + 1)
+    return (input_ids_BT[:, cols], attention_mask_BT[:, cols], *rest)
 
 
 # ---------------------------------------------------------------------------------------------- the two passes
 def embed_no_grad(
-    encoder: nn.Module, input_ids: Tensor, attention_mask: Tensor, chunks: Sequence[slice]
+    encoder: nn.Module, inputs: Sequence[Tensor], chunks: Sequence[slice]
 ) -> tuple[Tensor, list[RandContext]]:
-    """Embed ``chunks`` of the (N, T) inputs without a graph -> ((N, D) embeddings, one RandContext per chunk)."""
+    """Embed ``chunks`` of the inputs (``(input_ids, attention_mask[, prompt_length])``, N rows) without a graph
+    -> ((N, D) embeddings, one RandContext per chunk)."""
     embs, states = [], []
     with torch.no_grad():
         for sl in chunks:
-            ids, mask = _trim(input_ids[sl], attention_mask[sl])
-            states.append(RandContext(ids))
-            embs.append(encoder(ids, mask))
+            chunk = _trim(_rows(inputs, sl))
+            states.append(RandContext(chunk[0]))
+            embs.append(encoder(*chunk))
     return torch.cat(embs), states
 
 
 def backward_from_cache(
     encoder: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
+    inputs: Sequence[Tensor],
     chunks: Sequence[slice],
     rand_states: Sequence[RandContext],
     grad_emb: Tensor,
@@ -177,9 +188,9 @@ def backward_from_cache(
     """
     backward_fn = backward_fn or Tensor.backward
     for sl, state in zip(chunks, rand_states, strict=True):
-        ids, mask = _trim(input_ids[sl], attention_mask[sl])
+        chunk = _trim(_rows(inputs, sl))
         with state:
-            emb_CD = encoder(ids, mask)
+            emb_CD = encoder(*chunk)
         backward_fn((emb_CD * grad_emb[sl].to(emb_CD.dtype)).sum())
 
 
@@ -200,9 +211,9 @@ def gradcache_step(
     """One GradCache forward/backward; leaves the parameter gradients as a full-batch backward would.
 
     Args:
-        encoder: ``encoder(input_ids_BT, attention_mask_BT) -> emb_BD``.
-        query_inputs, passage_inputs: ``{"input_ids", "attention_mask"}`` or ``(input_ids, attention_mask)``,
-            (B, Tq) and (B*G, Tp).
+        encoder: ``encoder(input_ids_BT, attention_mask_BT[, prompt_length_B]) -> emb_BD``.
+        query_inputs, passage_inputs: ``{"input_ids", "attention_mask"[, "prompt_length"]}`` or
+            ``(input_ids, attention_mask[, prompt_length])``, (B, Tq) and (B*G, Tp) (prompt lengths (B,), (B*G,)).
         loss_fn: ``loss_fn(q_BD, p_ND) -> (loss, parts)``; may gather across ranks
             (:func:`me5.distributed.gather_with_grad`) and own learnable parameters (a temperature), whose
             gradients come from its backward.
@@ -228,32 +239,32 @@ def gradcache_step(
     """
     unpacked = [_unpack(inputs) for inputs in (query_inputs, passage_inputs)]
     plans = [
-        plan_chunks(mask, chunk_rows=chunk_rows, chunk_tokens=chunk_tokens, sort_by_length=sort_by_length)
-        for _, mask in unpacked
+        plan_chunks(tensors[1], chunk_rows=chunk_rows, chunk_tokens=chunk_tokens, sort_by_length=sort_by_length)
+        for tensors in unpacked
     ]
     if equalize_chunks is not None:
         counts = equalize_chunks([len(chunks) for _, chunks in plans])
         plans = [(order, split_to_count(chunks, n)) for (order, chunks), n in zip(plans, counts, strict=True)]
     sides = []
-    for (ids, mask), (order, chunks) in zip(unpacked, plans, strict=True):
+    for tensors, (order, chunks) in zip(unpacked, plans, strict=True):
         if order is not None:
-            ids, mask = ids[order], mask[order]
-        emb, states = embed_no_grad(encoder, ids, mask, chunks)
+            tensors = _rows(tensors, order)
+        emb, states = embed_no_grad(encoder, tensors, chunks)
         if order is not None:  # back to batch order: emb_batch[order[i]] = emb_sorted[i]
             emb = torch.empty_like(emb).index_copy_(0, order, emb)
-        sides.append((ids, mask, order, chunks, states, emb.detach().requires_grad_()))
+        sides.append((tensors, order, chunks, states, emb.detach().requires_grad_()))
 
     q_BD, p_ND = sides[0][-1], sides[1][-1]
     loss, parts = loss_fn(q_BD, p_ND)
     loss.backward()
 
     todo = [side for side in sides if side[-1].grad is not None]
-    n_backward, done = sum(len(side[3]) for side in todo), 0
-    for ids, mask, order, chunks, states, leaf in todo:
+    n_backward, done = sum(len(side[2]) for side in todo), 0
+    for tensors, order, chunks, states, leaf in todo:
         grad = leaf.grad if order is None else leaf.grad[order]
         for sl, state in zip(chunks, states, strict=True):
             done += 1
             if grad_sync is not None:
                 grad_sync(done == n_backward)
-            backward_from_cache(encoder, ids, mask, [sl], [state], grad, backward_fn=backward_fn)
+            backward_from_cache(encoder, tensors, [sl], [state], grad, backward_fn=backward_fn)
     return loss.detach(), {name: value.detach() for name, value in parts.items()}

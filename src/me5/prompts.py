@@ -158,3 +158,14 @@ class PromptPolicy:
             return cls("none")
         raise ConfigError("prompts", f"the prompts {query_prompt!r} / {document_prompt!r} match no prompt style "
                                      f"of {list(STYLES)}")
+
+
+def prompt_token_count(tokenizer, prompt: str) -> int:
+    """How many leading tokens ``prompt`` takes in ``prompt + text``: its own encoding with special tokens, less a
+    closing special token (``</s>``); 0 for no prompt. The rule of sentence-transformers'
+    ``Transformer._get_prompt_length``, so a ``Pooling(include_prompt=False)`` export pools the same tokens.
+    """
+    if not prompt:
+        return 0
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return len(ids) - 1 if ids and ids[-1] in set(tokenizer.all_special_ids) else len(ids)

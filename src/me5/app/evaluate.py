@@ -23,7 +23,7 @@ from me5.prompts import STYLES, TASKS, PromptPolicy
 
 log = logging.getLogger("me5.evaluate")
 
-DEFAULTS = {"pooling": "mean", "normalize": True, "prompts": "e5"}
+DEFAULTS = {"pooling": "mean", "normalize": True, "include_prompt": True, "prompts": "e5"}
 _FROM_ST_POOLING = {"mean": "mean", "cls": "cls", "lasttoken": "last"}
 _ST_FLAG_POOLING = {
     "pooling_mode_mean_tokens": "mean",
@@ -33,12 +33,12 @@ _ST_FLAG_POOLING = {
 
 
 def read_model_settings(model: str) -> dict[str, Any]:
-    """Pooling / normalize / prompt style of a saved model: ``me5.json``, else sentence-transformers files, else
-    defaults."""
+    """Pooling / normalize / include_prompt / prompt style of a saved model: ``me5.json``, else
+    sentence-transformers files, else defaults."""
     settings = dict(DEFAULTS)
     me5_cfg = _read_json(model, "me5.json")
     if me5_cfg is not None:
-        settings.update({k: me5_cfg[k] for k in ("pooling", "normalize") if k in me5_cfg})
+        settings.update({k: me5_cfg[k] for k in ("pooling", "normalize", "include_prompt") if k in me5_cfg})
         if "prompts" in me5_cfg:
             settings["prompts"] = PromptPolicy.from_dict(me5_cfg["prompts"]).style
         elif "query_prefix" in me5_cfg:  # folders exported before the prompt policy existed
@@ -52,6 +52,7 @@ def read_model_settings(model: str) -> dict[str, Any]:
     if "Pooling" in types:
         pooling_cfg = _read_json(model, f"{types['Pooling']}/config.json") or {}
         settings["pooling"] = _pooling_from_st(pooling_cfg, model)
+        settings["include_prompt"] = bool(pooling_cfg.get("include_prompt", True))
     prompts = (_read_json(model, "config_sentence_transformers.json") or {}).get("prompts") or {}
     if "query" in prompts:
         doc = next((prompts[n] for n in ("passage", "document") if n in prompts), "")
@@ -143,7 +144,7 @@ def load_model(model: str, settings: dict, device: str | None):
 
     tokenizer = load_tokenizer(model)
     encoder = Encoder.from_pretrained(model, pooling=settings["pooling"], normalize=settings["normalize"],
-                                      tokenizer=tokenizer)
+                                      include_prompt=settings.get("include_prompt", True), tokenizer=tokenizer)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return encoder.to(dev), tokenizer, dev
 

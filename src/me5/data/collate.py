@@ -34,40 +34,66 @@ import itertools
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TypedDict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import NotRequired, TypedDict
 
 import numpy as np
 import torch
+
+from me5.prompts import PromptPolicy, prompt_token_count
 
 log = logging.getLogger(__name__)
 
 
 class TrainItem(TypedDict):
-    """One formatted example: prefixes applied, passages = [positive, *hard_negatives]."""
+    """One formatted example: prefixes applied, passages = [positive, *hard_negatives]; the prompts that were put
+    in front of the query and of every passage (for pooling without them, ``Encoder(include_prompt=False)``)."""
 
     query: str
     passages: list[str]
     teacher_scores: list[float] | None
     lang: str
     source: str
+    query_prompt: NotRequired[str]
+    passage_prompt: NotRequired[str]
+
+
+@lru_cache(maxsize=65536)
+def _prompt_pair(prompts: PromptPolicy, instruction: str | None, symmetric: bool) -> tuple[str, str]:
+    return prompts.pair(instruction, symmetric=symmetric)
 
 
 @dataclass(frozen=True)
 class ItemFormatter:
     """One source's training items: its prompts (``me5.prompts``) on every text, and ``n_negatives`` of an
-    example's hard negatives drawn at random (with their teacher scores, positive first)."""
+    example's hard negatives drawn at random (with their teacher scores, positive first).
+
+    A record with its own ``instruction`` or ``symmetric`` (instruction data) gets the prompts of those under
+    ``prompts``; the source's (``instruction``, ``symmetric``) fill in what it does not carry.
+    """
 
     query_prompt: str = ""
     document_prompt: str = ""
     n_negatives: int = 0
+    prompts: PromptPolicy | None = field(default=None, compare=False)
+    instruction: str | None = None
+    symmetric: bool = False
 
     @classmethod
     def for_source(cls, source, prompts, *, n_negatives: int = 0) -> ItemFormatter:
         """The formatter of a :class:`~me5.data.source.Source` under a :class:`~me5.prompts.PromptPolicy`."""
         instruction = source.instruction if prompts.style == "instruct" else None
         q, d = prompts.pair(instruction, symmetric=source.symmetric)
-        return cls(q, d, n_negatives)
+        return cls(q, d, n_negatives, prompts, instruction, bool(source.symmetric))
+
+    def prompts_of(self, ex) -> tuple[str, str]:
+        """``(query prompt, document prompt)`` of example ``ex``: the source's, or its own (see the class)."""
+        if self.prompts is None or (ex.instruction is None and ex.symmetric is None):
+            return self.query_prompt, self.document_prompt
+        instruction = (ex.instruction or self.instruction) if self.prompts.style == "instruct" else None
+        symmetric = self.symmetric if ex.symmetric is None else ex.symmetric
+        return _prompt_pair(self.prompts, instruction, symmetric)
 
     def __call__(self, ex, *, rng: np.random.Generator) -> TrainItem:
         picked: Sequence[int] = ()
@@ -76,13 +102,15 @@ class ItemFormatter:
         scores = None
         if ex.teacher_scores is not None:
             scores = [ex.teacher_scores[0]] + [ex.teacher_scores[1 + i] for i in picked]
-        d = self.document_prompt
+        q, d = self.prompts_of(ex)
         return TrainItem(
-            query=self.query_prompt + ex.query,
+            query=q + ex.query,
             passages=[d + ex.positive] + [d + ex.negatives[i] for i in picked],
             teacher_scores=scores,
             lang=ex.lang,
             source=ex.source,
+            query_prompt=q,
+            passage_prompt=d,
         )
 
 
@@ -282,6 +310,7 @@ class PairCollator:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token")
         self.tokenizer = tokenizer
+        self._prompt_lengths: dict[str, int] = {}
         self.query_max_length = query_max_length
         self.passage_max_length = passage_max_length
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -400,4 +429,17 @@ class PairCollator:
         }
         if all(it["teacher_scores"] is not None for it in items):
             batch["teacher_scores"] = torch.tensor([it["teacher_scores"] for it in items], dtype=torch.float)
+        if all("query_prompt" in it for it in items):  # the prompts' token counts, for pooling without them
+            q_len = [self.prompt_length(it["query_prompt"]) for it in items]
+            p_len = [self.prompt_length(it["passage_prompt"]) for it in items]
+            batch["query_prompt_length"] = torch.tensor(q_len, dtype=torch.long)
+            batch["passage_prompt_length"] = torch.tensor(p_len, dtype=torch.long).repeat_interleave(group)
         return batch
+
+    def prompt_length(self, prompt: str) -> int:
+        """The tokens ``prompt`` takes at the start of a text (:func:`~me5.prompts.prompt_token_count`),
+        memoised per prompt."""
+        n = self._prompt_lengths.get(prompt)
+        if n is None:
+            n = self._prompt_lengths[prompt] = prompt_token_count(self.tokenizer, prompt)
+        return n

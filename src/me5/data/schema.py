@@ -20,6 +20,9 @@ class PairExample:
     """A training example: a query, its positive, optional hard negatives and teacher scores.
 
     ``teacher_scores`` (when present) has one score per candidate, positive first: ``1 + len(negatives)``.
+    ``instruction`` (when present) is the record's own task definition (instruction data: E5-mistral's synthetic
+    examples carry one each); it wins over its source's under the instruct prompt style. ``symmetric`` (when
+    present) says whether both sides are the same kind of text (STS, bitext), again over the source's.
     """
 
     query: str
@@ -28,6 +31,8 @@ class PairExample:
     teacher_scores: tuple[float, ...] | None = None
     lang: str = "und"
     source: str = ""
+    instruction: str | None = None
+    symmetric: bool | None = None
 
 
 def _text(value, *, field: str, file, line) -> str:
@@ -91,4 +96,11 @@ def to_example(
     lang, name = str(fields.get("lang") or default_lang), str(fields.get("source") or source)
     _unicode(lang, field="lang", file=file, line=line)
     _unicode(name, field="source", file=file, line=line)
-    return PairExample(query, positive, negatives, scores, lang, name)
+    instruction = fields.get("instruction")
+    if instruction is not None:
+        instruction = _text(instruction, field="instruction", file=file, line=line)
+    symmetric = fields.get("symmetric")
+    if symmetric is not None and not isinstance(symmetric, bool):
+        raise DataError(f"expected true or false, got {type(symmetric).__name__}", file=file, line=line,
+                        field="symmetric")
+    return PairExample(query, positive, negatives, scores, lang, name, instruction, symmetric)

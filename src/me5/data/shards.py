@@ -3,8 +3,8 @@
 For each source, :func:`prepare` writes
 
 * ``OUT/<source>/part-<input>-<shard>.parquet``: columns ``query, positive, negatives, teacher_scores, lang,
-  source``; each shard's rows shuffled (seeded), in row groups of ``row_group_rows`` rows (the units the
-  streaming readers share out); with ``split_langs`` every row group holds one language;
+  source, instruction, symmetric``; each shard's rows shuffled (seeded), in row groups of ``row_group_rows`` rows
+  (the units the streaming readers share out); with ``split_langs`` every row group holds one language;
 * ``OUT/<source>/shards.json``: the shard manifest the streaming readers plan from (no footer reads);
 * ``OUT/<source>/stats.json`` and ``OUT/stats.json``: read / kept / skipped-by-reason counts per source and per
   language (:func:`format_stats` prints them as a table).
@@ -153,7 +153,7 @@ def _count_rows(inp: _Input) -> int | None:
 
 
 # ============================================================================================== writing
-SCHEMA_FIELDS = ("query", "positive", "negatives", "teacher_scores", "lang", "source")
+SCHEMA_FIELDS = ("query", "positive", "negatives", "teacher_scores", "lang", "source", "instruction", "symmetric")
 
 
 def _schema():
@@ -162,6 +162,7 @@ def _schema():
     return pa.schema([
         ("query", pa.string()), ("positive", pa.string()), ("negatives", pa.list_(pa.string())),
         ("teacher_scores", pa.list_(pa.float32())), ("lang", pa.string()), ("source", pa.string()),
+        ("instruction", pa.string()), ("symmetric", pa.bool_()),
     ])
 
 
@@ -193,6 +194,8 @@ def _write_shard(path: Path, examples: Sequence[PairExample], row_group_rows: in
                 "teacher_scores": [list(e.teacher_scores) if e.teacher_scores is not None else None for e in rows],
                 "lang": [e.lang for e in rows],
                 "source": [e.source for e in rows],
+                "instruction": [e.instruction for e in rows],
+                "symmetric": [e.symmetric for e in rows],
             }, schema=schema)
             w.write_table(table, row_group_size=len(rows))
             one = {e.lang for e in rows}

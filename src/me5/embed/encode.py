@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from me5.errors import ConfigError, DataError
+from me5.prompts import prompt_token_count
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,14 @@ def plan_batches(lengths: Sequence[int], *, max_tokens: int, max_batch: int, pad
 
 def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple) if multiple > 1 else max(n, 1)
+
+
+def prompt_length_for(encoder: nn.Module, tokenizer, prefix: str) -> int | None:
+    """The token count of ``prefix`` for an encoder that pools without its prompt (``include_prompt=False``,
+    :func:`~me5.prompts.prompt_token_count`); ``None`` for one that pools over every token."""
+    if getattr(encoder, "include_prompt", True) or not prefix:
+        return None
+    return prompt_token_count(tokenizer, prefix)
 
 
 def tokenize(tokenizer, texts: Sequence[str], *, prefix: str = "", max_length: int = DEFAULT_MAX_LENGTH) -> list[list[int]]:
@@ -126,8 +135,11 @@ def _eval_mode(encoder: nn.Module):
 
 @torch.no_grad()
 def _embed_token_rows(encoder: nn.Module, rows: list[list[int]], *, pad_id: int, left_pad: bool, max_tokens: int,
-                      max_batch: int, device: torch.device, precision: str, progress=None) -> Tensor:
-    """(len(rows), D) float32 CPU embeddings of already tokenised rows, in their order."""
+                      max_batch: int, device: torch.device, precision: str, progress=None,
+                      prompt_length: int | None = None) -> Tensor:
+    """(len(rows), D) float32 CPU embeddings of already tokenised rows, in their order; ``prompt_length`` (the
+    tokens of the prompt every row starts with) goes to the encoder when given (:func:`prompt_length_for`)."""
+    extra = () if prompt_length is None else (prompt_length,)
     out: Tensor | None = None
     for batch in plan_batches([len(r) for r in rows], max_tokens=max_tokens, max_batch=max_batch):
         width = _round_up(len(rows[batch[0]]), 8)
@@ -139,7 +151,7 @@ def _embed_token_rows(encoder: nn.Module, rows: list[list[int]], *, pad_id: int,
             ids[j, span] = torch.tensor(rows[i], dtype=torch.long)
             mask[j, span] = 1
         with _autocast(device, precision):
-            emb = encoder(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+            emb = encoder(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), *extra)
         emb = emb.float().cpu()
         if out is None:
             out = torch.empty(len(rows), emb.size(1))
@@ -182,6 +194,7 @@ def encode_texts(encoder: nn.Module, tokenizer, texts: Sequence[str], *, prefix:
         for c0 in range(0, len(texts), chunk_rows):
             rows = tokenize(tokenizer, texts[c0 : c0 + chunk_rows], prefix=prefix, max_length=max_length)
             parts.append(_embed_token_rows(encoder, rows, pad_id=pad_id, left_pad=left_pad, max_tokens=budget,
+                                           prompt_length=prompt_length_for(encoder, tokenizer, prefix),
                                            max_batch=max_batch, device=device, precision=precision, progress=bar))
     if not parts:
         return torch.zeros(0, _dim_or_zero(encoder))
@@ -205,7 +218,7 @@ def model_digest(encoder: nn.Module, *, sample: int = 4096) -> str:
     """A short hash of the encoder's weights: name, shape, dtype and a strided sample of each tensor, plus the
     pooling / normalisation / autocast fields of an :class:`~me5.models.encoder.Encoder` (cheap for any size)."""
     h = hashlib.blake2b(digest_size=16)
-    for name in ("pooling", "normalize", "autocast"):
+    for name in ("pooling", "normalize", "autocast", "include_prompt"):
         h.update(f"{name}={getattr(encoder, name, None)!r};".encode())
     for name, t in encoder.state_dict().items():
         t = t.detach()
@@ -407,6 +420,7 @@ def encode_corpus(
             rows = shards[k]
             token_rows = tokenize(tokenizer, [texts[i] for i in rows], prefix=prefix, max_length=max_length)
             emb = _embed_token_rows(encoder, token_rows, pad_id=pad_id, left_pad=left_pad, max_tokens=budget,
+                                    prompt_length=prompt_length_for(encoder, tokenizer, prefix),
                                     max_batch=max_batch, device=device, precision=precision, progress=bar)
             name = shard_name(rank, k)
             arr = emb.to(torch.float16).numpy()

@@ -292,7 +292,7 @@ class Me5MtebEncoder(AbsEncoder):
         tokenizer = load_tokenizer(str(path))
         encoder = Encoder.from_pretrained(
             str(path), pooling=cfg.get("pooling", "mean"), normalize=bool(cfg.get("normalize", True)),
-            tokenizer=tokenizer,
+            include_prompt=bool(cfg.get("include_prompt", True)), tokenizer=tokenizer,
         ).eval()
         if prompts is None:
             prompts = PromptPolicy.from_dict(cfg.get("prompts") or {"style": "e5"})

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from me5.errors import ConfigError
-from me5.models.pooling import POOLERS
+from me5.models.pooling import POOLERS, without_prompt
+from me5.prompts import prompt_token_count
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +74,26 @@ class Encoder(nn.Module):
         autocast: ``bf16``, ``fp16`` or ``fp32``: the dtype of the forward pass under ``torch.autocast``.
             Weights stay in fp32; Lightning's ``precision`` setting is the usual way to pick this, and this
             field covers inference outside a Trainer.
+        include_prompt: mean-pool over the prompt's tokens too (mE5 does: unilm pools every non-pad token).
+            ``False`` leaves them out (GritLM; sentence-transformers' ``Pooling(include_prompt=False)``): the
+            forward then takes each row's ``prompt_length`` (:func:`~me5.prompts.prompt_token_count`).
     """
 
-    def __init__(self, backbone: nn.Module, *, pooling: str = "mean", normalize: bool = True, autocast: str = "fp32"):
+    def __init__(self, backbone: nn.Module, *, pooling: str = "mean", normalize: bool = True, autocast: str = "fp32",
+                 include_prompt: bool = True):
         super().__init__()
         if pooling not in POOLERS:
             raise ConfigError("model.encoder.pooling", f"unknown pooling '{pooling}'; choose one of {sorted(POOLERS)}")
+        if not include_prompt and pooling != "mean":
+            raise ConfigError("model.encoder.include_prompt",
+                              f"leaving the prompt out of pooling needs mean pooling, not '{pooling}'")
         if autocast not in _AUTOCAST_DTYPES:
             raise ConfigError("model.encoder.autocast", f"unknown '{autocast}'; choose one of {sorted(_AUTOCAST_DTYPES)}")
         self.backbone = backbone
         self.pooling = pooling
         self.normalize = normalize
         self.autocast = autocast
+        self.include_prompt = bool(include_prompt)
         # The checkpoint's pooler head (``pooler.dense.weight``/``.bias`` on the CPU) when from_pretrained found one,
         # else None. A plain attribute, not a module or parameter: DDP, optimisers and Lightning checkpoints never
         # see it; only the export writes it back (me5.export), so that ``AutoModel`` finds every weight.
@@ -98,6 +107,7 @@ class Encoder(nn.Module):
         *,
         pooling: str = "mean",
         normalize: bool = True,
+        include_prompt: bool = True,
         autocast: str = "fp32",
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
@@ -137,7 +147,7 @@ class Encoder(nn.Module):
                 }
             backbone.pooler = None  # the forward skips a None pooler; no unused parameters for DDP
         _check_vocab(backbone, tokenizer)
-        enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast)
+        enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast, include_prompt=include_prompt)
         enc.pooler_state = pooler_state
         if gradient_checkpointing:
             enc.enable_activation_checkpointing()
@@ -151,6 +161,7 @@ class Encoder(nn.Module):
         model_type: str = "xlm-roberta",
         pooling: str = "mean",
         normalize: bool = True,
+        include_prompt: bool = True,
         autocast: str = "fp32",
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
@@ -166,7 +177,7 @@ class Encoder(nn.Module):
             **config_kwargs,
         )
         return cls.from_config(
-            config, pooling=pooling, normalize=normalize, autocast=autocast,
+            config, pooling=pooling, normalize=normalize, autocast=autocast, include_prompt=include_prompt,
             attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing,
         )
 
@@ -177,6 +188,7 @@ class Encoder(nn.Module):
         *,
         pooling: str = "mean",
         normalize: bool = True,
+        include_prompt: bool = True,
         autocast: str = "fp32",
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
@@ -195,7 +207,7 @@ class Encoder(nn.Module):
         backbone = AutoModel.from_config(
             config, attn_implementation=resolve_attn_implementation(attn_implementation), **kwargs
         )
-        enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast)
+        enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast, include_prompt=include_prompt)
         if gradient_checkpointing:
             enc.enable_activation_checkpointing()
         return enc
@@ -212,8 +224,12 @@ class Encoder(nn.Module):
     def dim(self) -> int:
         return int(self.backbone.config.hidden_size)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, T) token ids and mask -> (B, D) embeddings (unit norm when ``normalize``)."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_length: Tensor | int | None = None) -> Tensor:
+        """(B, T) token ids and mask -> (B, D) embeddings (unit norm when ``normalize``).
+
+        ``prompt_length``: the number of leading real tokens of each row (an int, or (B,)) that belong to the
+        prompt, ``<s>`` included; pooling leaves them out when ``include_prompt`` is False (else it is ignored).
+        """
         dtype = _AUTOCAST_DTYPES[self.autocast]
         ctx = (
             torch.autocast(device_type=input_ids.device.type, dtype=dtype)
@@ -222,7 +238,10 @@ class Encoder(nn.Module):
         )
         with ctx:
             hidden_BTD = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            pooled_BD = POOLERS[self.pooling](hidden_BTD, attention_mask)
+            pool_mask = attention_mask
+            if prompt_length is not None and not self.include_prompt:
+                pool_mask = without_prompt(attention_mask, prompt_length)
+            pooled_BD = POOLERS[self.pooling](hidden_BTD, pool_mask)
         pooled_BD = pooled_BD.float()
         return F.normalize(pooled_BD, dim=-1) if self.normalize else pooled_BD
 
@@ -249,6 +268,7 @@ class Encoder(nn.Module):
         self.eval()
         device = torch.device(device) if device is not None else next(self.parameters()).device
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        prompt_length = None if self.include_prompt else prompt_token_count(tokenizer, prefix)
         out = torch.empty(len(texts), self.dim)
         starts = range(0, len(texts), batch_size)
         for start in tqdm(starts, desc=desc, disable=not show_progress, leave=False):
@@ -261,7 +281,7 @@ class Encoder(nn.Module):
                 pad_to_multiple_of=8,
                 return_tensors="pt",
             )
-            emb = self(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+            emb = self(enc["input_ids"].to(device), enc["attention_mask"].to(device), prompt_length)
             out[torch.tensor(idx)] = emb.float().cpu()
         self.train(was_training)
         return out

@@ -274,6 +274,12 @@ class EmbeddingModule(L.LightningModule):
         """
         q_inputs = (batch["query_input_ids"], batch["query_attention_mask"])
         p_inputs = (batch["passage_input_ids"], batch["passage_attention_mask"])
+        if not getattr(self.encoder, "include_prompt", True):  # pool without the prompts: each row's prompt length rides along
+            if "query_prompt_length" not in batch:
+                raise ConfigError("model.encoder.include_prompt",
+                                  "pooling without the prompt needs the batch's prompt lengths (PairCollator)")
+            q_inputs += (batch["query_prompt_length"],)
+            p_inputs += (batch["passage_prompt_length"],)
         stats = {}
         mode = self._grad_sync_mode()
 

@@ -10,7 +10,8 @@ from me5.errors import DataError
 
 
 class ColumnPairs(Source):
-    """Reads ``query``/``positive``/``negatives``/``teacher_scores``/``lang`` from the columns named in ``columns``.
+    """Reads the schema fields (``query``, ``positive``, ``negatives``, ``teacher_scores``, ``lang``, ``instruction``,
+    ``symmetric``) from the columns named in ``columns``.
 
     Args:
         columns: schema field -> raw column, e.g. ``{query: title, positive: text}``. Unmapped schema fields are
@@ -25,7 +26,7 @@ class ColumnPairs(Source):
     def convert(self, record: Mapping) -> Mapping:
         record = require_mapping(record)  # a jsonl line may be a JSON array
         out = {}
-        for field in ("query", "positive", "negatives", "teacher_scores", "lang"):
+        for field in ("query", "positive", "negatives", "teacher_scores", "lang", "instruction", "symmetric"):
             column = self.columns.get(field, field)
             if column in record:
                 out[field] = record[column]
