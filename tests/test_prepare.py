@@ -264,3 +264,22 @@ def test_consistency_filter_with_a_tiny_exported_model(tmp_path, tokenizer):
     stats = json.loads((tmp_path / "o" / "stats.json").read_text())["s"]["counts"]
     assert rc == 0 and stats["read"] == 30 and stats["kept"] + stats.get("skipped/inconsistent", 0) == 30
     assert len(json.loads((tmp_path / "o" / "s" / "_consistency" / "pool.json").read_text())["texts"]) == 10
+
+
+def test_a_source_class_reads_its_prepared_shards_in_the_normalised_schema(tmp_path):
+    """A raw source class pointed at its prepared (mined, scored) shards reads them as they are: the negatives and
+    teacher scores its raw layout would not carry are kept, and so are its task and symmetry (NLI, symmetric)."""
+    from me5.data.sources.stage2 import NLI, MSMarcoPassage
+
+    rows = [{"query": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}", f"m{i}"], "teacher_scores": [3.0, 1.0, 0.5],
+             "lang": "en"} for i in range(6)]
+    write_jsonl(tmp_path / "scored.jsonl", rows)
+    prepare({"nli": Source(str(tmp_path / "scored.jsonl"))}, tmp_path / "out", PrepareOptions(progress=False))
+    for cls in (MSMarcoPassage, NLI):
+        src = cls(str(tmp_path / "out" / "nli"))
+        assert src.reads_prepared() and not cls(str(tmp_path / "scored.jsonl")).reads_prepared()
+        kept, counts = src.load_examples(src.classifier(n_negatives=2, require_teacher=True))
+        assert counts["kept"] == 6
+        assert sorted((e.query, e.negatives, e.teacher_scores) for e in kept) == sorted(
+            (r["query"], tuple(r["negatives"]), tuple(r["teacher_scores"])) for r in rows)
+    assert NLI(str(tmp_path / "out" / "nli")).symmetric and NLI.task == "nli"

@@ -53,6 +53,10 @@ def malformed_reason(err: DataError) -> str:
     return "malformed"
 
 
+def _as_is(record):
+    return record
+
+
 class RecordClassifier:
     """Classifies the raw records of one source (see the module docstring).
 
@@ -75,6 +79,8 @@ class RecordClassifier:
         self.max_chars = max_chars if max_chars is not None else source.max_chars
         self.strict = source.strict if strict is None else strict
         self.checks = tuple(checks)
+        # prepared shards hold the normalised schema: read as they are (Source.reads_prepared)
+        self.convert = _as_is if source.reads_prepared() else source.convert
 
     def skip_reason(self, ex: PairExample) -> str | None:
         """Why a converted example is not kept (what the stage needs, length, extra checks), or ``None``."""
@@ -101,7 +107,7 @@ class RecordClassifier:
         try:
             if isinstance(record, DataError):
                 raise record
-            ex = to_example(self.source.convert(record), source=self.name,
+            ex = to_example(self.convert(record), source=self.name,
                             default_lang=self.source.default_lang_for(file), file=file, line=line)
         except SkipRecord as skip:
             counts[f"skipped/{skip.reason}"] += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -129,6 +130,16 @@ class Source:
     def check(self) -> None:
         """Cheap checks before any heavy work: a local path that matches no file is a :class:`DataError`."""
         resolve_files(self.path, self.data_files)
+
+    def reads_prepared(self) -> bool:
+        """Whether ``path`` is a ``me5.prepare`` / ``me5.mine`` / ``me5.score`` folder (or a shard of one): its records
+        are in the normalised schema already, so they are read as they are, not through :meth:`convert`. A
+        source class pointed at its own prepared (mined, scored) shards keeps its name, task, symmetry and
+        language, and nothing its raw layout would not carry (mined negatives, teacher scores) is lost."""
+        if self.path is None:
+            return False
+        p = Path(str(self.path))
+        return (p / SHARDS_MANIFEST).is_file() or (p.is_file() and (p.parent / SHARDS_MANIFEST).is_file())
 
     @property
     def instruction(self) -> str:
