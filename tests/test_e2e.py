@@ -477,3 +477,30 @@ def test_stage_two_from_mined_and_scored_data_beats_stage_one(tmp_path, data_dir
         "stage=[finetune]", "eval_baseline=false", "data=files", f"data.finetune.path={tmp_path / 'scored'}",
         f"stages.finetune.init_from={export}", "model.finetune.max_steps=12"]))["finetune"]
     assert s2["sample/ndcg@10"] > s1["sample/ndcg@10"] + 0.02, (s1["sample/ndcg@10"], s2["sample/ndcg@10"])
+
+
+def test_a_crash_in_stage_two_keeps_the_earlier_results(tmp_path, data_dir, monkeypatch):
+    """metrics.json is written as each stage completes: a run that dies in stage 2 keeps the baseline and stage-1
+    rows, and the rerun adds stage 2 without re-evaluating (or relabelling) them."""
+    import me5.app.pipeline as pipeline
+
+    torch.set_num_threads(2)
+    real = pipeline.build_callbacks
+
+    def dies_in_finetune(group, *, dirpath, **kwargs):
+        if Path(dirpath).name == "finetune":
+            raise RuntimeError("node lost")
+        return real(group, dirpath=dirpath, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build_callbacks", dies_in_finetune)
+    cfg = cfg_for(tmp_path, data_dir, ["logger=csv"])
+    with pytest.raises(RuntimeError, match="node lost"):
+        run(cfg)
+    first = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(first["results"]) == {"untrained", "pretrain"} and "pretrain" in first["data_counts"]
+    monkeypatch.setattr(pipeline, "build_callbacks", real)
+    results = run(cfg)
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(final["results"]) == {"untrained", "pretrain", "finetune"} == set(results)
+    assert {k: final["results"][k] for k in first["results"]} == first["results"]
+    assert final["data_counts"]["pretrain"] == first["data_counts"]["pretrain"]

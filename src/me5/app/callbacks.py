@@ -4,6 +4,7 @@ mixture is logged (a W&B table and bar chart, or scalars)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
@@ -174,7 +175,9 @@ class Preemption(Callback):
             path, signum = self._stop
             import signal as _signal
 
-            note = self._requeue() if (self.requeue and trainer.is_global_zero) else ""
+            # <run>/checkpoints/<stage>/last.ckpt: the run folder a rerun must name to resume
+            run_dir = Path(path).resolve().parents[2]
+            note = self._requeue(run_dir) if (self.requeue and trainer.is_global_zero) else ""
             if trainer.is_global_zero:
                 print(f"me5: {_signal.Signals(signum).name} at step {trainer.global_step}: saved {path}; exiting "
                       f"{128 + signum}{note}", flush=True)
@@ -183,8 +186,6 @@ class Preemption(Callback):
             raise Preempted(128 + signum)
 
     def _checkpoint_dir(self, trainer):
-        from pathlib import Path
-
         cb = trainer.checkpoint_callback
         return Path(cb.dirpath) if cb is not None and cb.dirpath else Path(trainer.default_root_dir) / "checkpoints"
 
@@ -210,13 +211,13 @@ class Preemption(Callback):
             self._stop = (path, self.received or _signal.SIGTERM)
 
     @staticmethod
-    def _requeue() -> str:
+    def _requeue(run_dir) -> str:
         import os
         import subprocess
 
         job = os.environ.get("SLURM_JOB_ID")
         if not job:
-            return " (rerun the same command to resume)"
+            return f" (rerun the same command with hydra.run.dir={run_dir} to resume)"
         if os.environ.get("SLURM_ARRAY_JOB_ID"):
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
         try:

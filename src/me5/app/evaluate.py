@@ -278,9 +278,14 @@ def _suite_evaluators(args, prompts) -> dict:
         if bench == "miracl":
             langs = [lang for lang in LANGUAGES if (folder / lang).is_dir()]
             _warn_missing(bench, LANGUAGES, langs, folder)
-            out[bench] = RetrievalEvaluator(load_beir(folder, split="dev"), name="miracl", prompts=prompts,
+            # as conf/eval/miracl.yaml: one language in memory at a time, the recipe's 512 tokens and fp16, and
+            # (with --output-dir) the corpus encoded into resumable fp16 shards, searched in parts
+            work_dir = Path(args.output_dir) / "embeddings" if args.output_dir else None
+            out[bench] = RetrievalEvaluator(load_beir(folder, split="dev", lazy=True), name="miracl", prompts=prompts,
                                             task="miracl", languages=langs or list(LANGUAGES),
-                                            batch_size=args.batch_size)
+                                            batch_size=args.batch_size, query_max_length=args.query_max_length,
+                                            passage_max_length=args.passage_max_length, max_tokens=65536,
+                                            precision="fp16", work_dir=work_dir)
         else:
             pairs = [p for p in TASK_PAIRS[bench] if _has_pair(folder, p)]
             _warn_missing(bench, TASK_PAIRS[bench], pairs, folder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,14 +266,20 @@ def finish_loggers(loggers) -> None:
                 wandb.finish()
 
 
-def write_results(out_dir: Path, results: Mapping, *, meta: Mapping, timings: Mapping, data_counts: Mapping) -> Path:
-    """Write ``metrics.json`` and ``results.md`` and print the results table."""
+def write_results(out_dir: Path, results: Mapping, *, meta: Mapping, timings: Mapping, data_counts: Mapping,
+                  show: bool = True) -> Path:
+    """Write ``metrics.json`` and ``results.md`` (atomically: a kill mid-write leaves the previous ones) and, with
+    ``show``, print the results table."""
     from me5.eval.retrieval import format_table
 
     table = format_table(dict(results)) if results else "(no evaluation configured)"
     payload = {"results": results, "timings_s": timings, "data_counts": data_counts, "meta": meta}
     path = Path(out_dir) / "metrics.json"
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
-    (Path(out_dir) / "results.md").write_text(table + "\n")
-    print("\n" + table + f"\n\nmetrics: {path}\n")
+    for target, text in ((path, json.dumps(payload, indent=2, ensure_ascii=False, default=str)),
+                         (Path(out_dir) / "results.md", table + "\n")):
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    if show:
+        print("\n" + table + f"\n\nmetrics: {path}\n")
     return path

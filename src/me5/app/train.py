@@ -152,11 +152,11 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
             if evaluators and cfg.eval_after == "job":
                 log.info("evaluate the %s export with its own job: %s", name, write_eval_job(out_dir, name))
         finish_loggers(trainer.loggers)
-        if trainer.is_global_zero:  # the stage is complete: a rerun skips it
+        if trainer.is_global_zero:  # the stage is complete: a rerun skips it and reads its results back
+            write_results(out_dir, results, meta=meta, timings=timings, data_counts=data_counts,
+                          show=name == plan.stages[-1])
             (ckpt_dir / DONE).write_text(json.dumps({"global_step": trainer.global_step, "export": str(
                 out_dir / "export" / name)}) + "\n")
-    if evaluators is not None and trainer is not None and trainer.is_global_zero:
-        write_results(out_dir, results, meta=meta, timings=timings, data_counts=data_counts)
     return results
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from me5.data.readers import SHARDS_MANIFEST, count_lines, iter_records, list_units, resolve_files
 from me5.data.records import RecordClassifier
