@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from me5.errors import ConfigError
 from me5.models.pooling import POOLERS, without_prompt
-from me5.prompts import prompt_token_count
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +244,6 @@ class Encoder(nn.Module):
         pooled_BD = pooled_BD.float()
         return F.normalize(pooled_BD, dim=-1) if self.normalize else pooled_BD
 
-    @torch.no_grad()
     def encode(
         self,
         texts: Sequence[str],
@@ -254,37 +252,22 @@ class Encoder(nn.Module):
         prefix: str = "",
         max_length: int = 512,
         batch_size: int = 64,
+        precision: str = "fp16",
         device: torch.device | str | None = None,
         show_progress: bool = False,
         desc: str = "encode",
     ) -> Tensor:
-        """Embed raw texts (prefix added here) in eval mode; returns a CPU float tensor (N, D).
+        """Embed raw texts (``prefix`` put in front of each) in eval mode; returns a CPU float tensor (N, D).
 
-        Texts are sorted by length before batching so padding costs little, then restored to input order.
+        The shared embed core (:func:`me5.embed.encode.encode_texts`): length-sorted batches of at most
+        ``batch_size`` rows of ``max_length`` tokens, ``precision`` autocast on CUDA (fp32 on the CPU), pooling
+        without the prompt when ``include_prompt`` is False. Evaluation (retrieval, bitext, MTEB), mining and the
+        consistency filter all embed through it.
         """
-        from tqdm.auto import tqdm
+        from me5.embed.encode import encode_texts
 
-        was_training = self.training
-        self.eval()
-        device = torch.device(device) if device is not None else next(self.parameters()).device
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-        prompt_length = None if self.include_prompt else prompt_token_count(tokenizer, prefix)
-        out = torch.empty(len(texts), self.dim)
-        starts = range(0, len(texts), batch_size)
-        for start in tqdm(starts, desc=desc, disable=not show_progress, leave=False):
-            idx = order[start : start + batch_size]
-            enc = tokenizer(
-                [prefix + texts[i] for i in idx],
-                max_length=max_length,
-                truncation=True,
-                padding=True,
-                pad_to_multiple_of=8,
-                return_tensors="pt",
-            )
-            emb = self(enc["input_ids"].to(device), enc["attention_mask"].to(device), prompt_length)
-            out[torch.tensor(idx)] = emb.float().cpu()
-        self.train(was_training)
-        return out
+        return encode_texts(self, tokenizer, list(texts), prefix=prefix, max_length=max_length, max_batch=batch_size,
+                            precision=precision, device=device, show_progress=show_progress, desc=desc)
 
     # ------------------------------------------------------------------ export
     def save_pretrained(self, out_dir: str | Path, tokenizer, **kwargs) -> Path:
