@@ -189,12 +189,13 @@ def encode_texts(encoder: nn.Module, tokenizer, texts: Sequence[str], *, prefix:
     effective_precision(precision, device)
     pad_id, left_pad = _pad_info(tokenizer)
     budget = _budget(max_tokens, max_batch, max_length)
+    prompt_length = prompt_length_for(encoder, tokenizer, prefix)
     parts = []
     with _eval_mode(encoder), tqdm(total=len(texts), desc=desc, disable=not show_progress, leave=False) as bar:
         for c0 in range(0, len(texts), chunk_rows):
             rows = tokenize(tokenizer, texts[c0 : c0 + chunk_rows], prefix=prefix, max_length=max_length)
             parts.append(_embed_token_rows(encoder, rows, pad_id=pad_id, left_pad=left_pad, max_tokens=budget,
-                                           prompt_length=prompt_length_for(encoder, tokenizer, prefix),
+                                           prompt_length=prompt_length,
                                            max_batch=max_batch, device=device, precision=precision, progress=bar))
     if not parts:
         return torch.zeros(0, _dim_or_zero(encoder))
@@ -415,12 +416,13 @@ def encode_corpus(
     written = 0
     total = sum(len(shards[k]) for k in todo)
     bar = tqdm(total=total, desc=desc, disable=not (show_progress and rank == 0), leave=False)
+    prompt_length = prompt_length_for(encoder, tokenizer, prefix)
     with _eval_mode(encoder), bar:
         for k in todo:
             rows = shards[k]
             token_rows = tokenize(tokenizer, [texts[i] for i in rows], prefix=prefix, max_length=max_length)
             emb = _embed_token_rows(encoder, token_rows, pad_id=pad_id, left_pad=left_pad, max_tokens=budget,
-                                    prompt_length=prompt_length_for(encoder, tokenizer, prefix),
+                                    prompt_length=prompt_length,
                                     max_batch=max_batch, device=device, precision=precision, progress=bar)
             name = shard_name(rank, k)
             arr = emb.to(torch.float16).numpy()

@@ -55,6 +55,8 @@ KIND_ALIASES = {
     "text_retrieval": "retrieval", "text_classification": "classification", "text_matching": "matching",
     "monolingual_sts": "sts", "bitext_retrieval": "bitext", "bitext_mining": "bitext",
 }
+#: the query keys, each of which marks a generated object (sts and bitext share S1)
+QUERY_KEYS = tuple(dict.fromkeys(query for query, *_ in KINDS.values()))
 TASK_FIELDS = ("task", "instruction", "task_definition")
 RESPONSE_FIELDS = ("response", "output")
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
@@ -68,11 +70,11 @@ def kind_of(example: Mapping, task_type: str | None) -> str:
             raise DataError(f"unknown task_type '{task_type}'; known: {sorted(KINDS) + sorted(KIND_ALIASES)}",
                             field="task_type")
         return kind
-    for kind in ("retrieval", "classification", "matching"):
-        if has(example, KINDS[kind][0]):
-            return kind
-    if has(example, "S1"):
+    key = next((k for k in QUERY_KEYS if has(example, k)), None)
+    if key == "S1":
         return "sts/bitext"  # told apart by the definition (see the module docstring)
+    if key is not None:
+        return next(kind for kind, (query, *_) in KINDS.items() if query == key)
     raise DataError(f"no generated example: expected the keys of one of {sorted(KINDS)} (user_query, input_text, "
                     f"input or S1), got {sorted(example)}", field="user_query")
 
@@ -107,7 +109,7 @@ class SyntheticInstructions(RawPairSource):
 
     def pair(self, record: Mapping) -> Mapping:
         example = record
-        if not any(has(record, k) for k in ("user_query", "input_text", "input", "S1")):
+        if not any(has(record, k) for k in QUERY_KEYS):
             example = parse_response(record[first_key(record, RESPONSE_FIELDS)])
         task_type = get_field(record, "task_type") if has(record, "task_type") else None
         instruction = None
