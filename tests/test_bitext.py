@@ -347,14 +347,38 @@ def test_backward_equals_mteb_on_swapped_columns(tmp_path):
     table = embedding_table(noise=1.0)
     want = mteb_scores("Tatoeba", swapped, TATOEBA_PAIRS, table, tmp_path / "hf")
     ev = BitextEvaluator(TATOEBA, task="tatoeba", languages=TATOEBA_PAIRS, direction="backward")
-    got = ev.evaluate(TableEncoder(table), tokenizer=None)
-    assert ev.name == "tatoeba_backward"
-    for pair in TATOEBA_PAIRS:
-        xxx, eng = pair.split("-")
-        for m in ("precision", "recall", "f1", "accuracy"):
-            assert got[f"tatoeba_backward/{eng}-{xxx}/{m}"] == pytest.approx(want[pair][m], rel=1e-12)
+    # the same direction as the eval config and the --suite expose it
+    for built in (ev, *_configured_backward(tmp_path)):
+        got = built.evaluate(TableEncoder(table), tokenizer=None)
+        assert built.name == "tatoeba_backward" and built.direction == "backward"
+        for pair in TATOEBA_PAIRS:
+            xxx, eng = pair.split("-")
+            for m in ("precision", "recall", "f1", "accuracy"):
+                assert got[f"tatoeba_backward/{eng}-{xxx}/{m}"] == pytest.approx(want[pair][m], rel=1e-12)
     forward = BitextEvaluator(TATOEBA, task="tatoeba", languages=TATOEBA_PAIRS).evaluate(TableEncoder(table), None)
     assert forward["tatoeba/f1"] != got["tatoeba_backward/f1"]
+
+
+def _configured_backward(tmp_path) -> list[BitextEvaluator]:
+    """``tatoeba_backward`` as ``eval=bitext`` (conf/eval/bitext.yaml) and ``--suite paper`` build it, on the
+    fixture (its two pairs)."""
+    import argparse
+
+    from hydra.utils import instantiate
+
+    from me5.app.evaluate import SUITES, _suite_evaluators
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg(["eval=bitext", f"eval.tatoeba_backward.data={TATOEBA}",
+                       f"+eval.tatoeba_backward.languages=[{','.join(TATOEBA_PAIRS)}]"])
+    from_config = instantiate(cfg.eval.tatoeba_backward, prompts=PromptPolicy("e5"))
+    root = tmp_path / "data-root"
+    root.mkdir()
+    (root / "tatoeba").symlink_to(TATOEBA, target_is_directory=True)
+    assert "tatoeba_backward" in SUITES["paper"]
+    args = argparse.Namespace(suite="paper", benchmarks=["tatoeba_backward"], data_root=str(root), batch_size=64)
+    suite = _suite_evaluators(args, PromptPolicy("e5"), work_dir=None)
+    return [from_config, suite["tatoeba_backward"]]
 
 
 # ---------------------------------------------------------------------------------------------- evaluator

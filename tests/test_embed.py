@@ -3,6 +3,7 @@ and FAISS top-k with trec_eval's tie order, and the evaluator on top of them aga
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -166,6 +167,70 @@ def test_killed_run_resumes_without_recomputing_finished_shards(tmp_path):
     assert resumed.ids == whole.ids and np.array_equal(resumed.matrix(), whole.matrix())
     again = encode_corpus(enc, tok, ids, texts, tmp_path / "run", **kw)
     assert (again.written, again.skipped, calls[0]) == (0, 5, 3)
+
+
+KILL_KW = {"prefix": PREFIX, "max_length": 48, "max_batch": 4, "shard_rows": 4}  # 20 docs: 5 shards, 1 forward each
+_KILLED_CHILD = """
+import sys, time
+from me5.embed.encode import encode_corpus
+from tests.test_embed import KILL_KW, _corpus, _encoder, _tokenizer
+
+enc = _encoder()
+forward, calls = enc.forward, [0]
+
+def slow(*args, **kwargs):  # shard 0 at full speed, then slowly: the parent's SIGKILL lands inside the run
+    calls[0] += 1
+    if calls[0] > 1:
+        time.sleep(0.5)
+    return forward(*args, **kwargs)
+
+enc.forward = slow
+encode_corpus(enc, _tokenizer(), *_corpus(20), sys.argv[1], **KILL_KW)
+print("finished", flush=True)
+"""
+
+
+def test_sigkilled_encoding_resumes_to_the_same_shards(tmp_path):
+    """A real kill (SIGKILL, no exception, no cleanup) of a process encoding a corpus, as soon as its first shard
+    is on disk; the next run keeps that shard and writes the others, byte for byte those of a run never killed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT
+
+    ids, texts = _corpus(20)
+    tok = _tokenizer()
+    whole = encode_corpus(_encoder(), tok, ids, texts, tmp_path / "whole", **KILL_KW)
+    assert whole.written == 5
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(run)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = run / "emb-r0-00000.json"
+    deadline = time.monotonic() + 120
+    while not first.is_file() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    out, err = child.communicate(timeout=30)
+    assert first.is_file(), f"the child wrote no shard (rc {child.returncode}): {err[-2000:]}"
+    assert child.returncode == -signal.SIGKILL and "finished" not in out  # killed inside the run
+    with pytest.raises(DataError, match="unfinished"):
+        EmbeddingShards(run)
+    stamp = (run / "emb-r0-00000.npy").stat().st_mtime_ns
+
+    res = encode_corpus(_encoder(), tok, ids, texts, run, **KILL_KW)
+    assert res.complete and res.skipped >= 1 and res.written == 5 - res.skipped
+    assert (run / "emb-r0-00000.npy").stat().st_mtime_ns == stamp  # the shard written before the kill is kept
+    names = sorted(p.name for p in (tmp_path / "whole").glob("emb-*"))
+    assert sorted(p.name for p in run.glob("emb-*")) == names and len(names) == 10
+    for name in names:
+        if name.endswith(".npy"):
+            assert (run / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+        else:
+            assert json.loads((run / name).read_text()) == json.loads((tmp_path / "whole" / name).read_text())
+    assert res.open().ids == ids
 
 
 def test_another_run_in_the_folder_is_an_error_or_starts_over(tmp_path):

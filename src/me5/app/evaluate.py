@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default="finetune", help="with --run: the stage whose export to evaluate")
     p.add_argument("--data", default=None, help="BEIR folder, or folder of per-language BEIR folders (MIRACL)")
     p.add_argument("--suite", default=None, choices=sorted(SUITES),
-                   help="a named suite instead of --data: 'paper' = MIRACL dev (16 languages), BUCC, Tatoeba and "
-                        "the 56 MTEB English tasks, written beside the paper's Tables 3-6")
+                   help="a named suite instead of --data: 'paper' = MIRACL dev (16 languages), BUCC, Tatoeba (both "
+                        "directions) and the 56 MTEB English tasks, written beside the paper's Tables 3-6; under "
+                        "torchrun the ranks share MIRACL's corpora")
     p.add_argument("--data-root", default="data/eval",
                    help="with --suite: the folder holding miracl/ (me5.app.convert_miracl output), bucc/ "
                         "(mteb/BUCC) and tatoeba/ (mteb/tatoeba-bitext-mining); MTEB reads the HF datasets cache")
@@ -196,6 +197,33 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- run jobs
+def launched_world() -> int:
+    """The number of processes torchrun (or SLURM's srun with the same variables) started: ``WORLD_SIZE``."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_distributed(device: str | None) -> tuple[int, int, str | None]:
+    """``(rank, world, device)``: under torchrun (``WORLD_SIZE`` > 1) the default process group, NCCL when this
+    process gets a GPU (``cuda:LOCAL_RANK``, unless ``device`` names one) and gloo otherwise; one process as is.
+    End it with :func:`me5.distributed.shutdown_process_group`."""
+    import os
+
+    import torch
+
+    world = launched_world()
+    if world > 1 and not torch.distributed.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available() and device is None:
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        torch.distributed.init_process_group("nccl" if str(device or "cpu").startswith("cuda") else "gloo")
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+    return 0, 1, device
+
+
 def run_stage_job(args: argparse.Namespace) -> dict[str, float]:
     """``--run DIR --stage S``: the run's ``eval`` group on its stage-``S`` export, as its own job.
 
@@ -203,9 +231,6 @@ def run_stage_job(args: argparse.Namespace) -> dict[str, float]:
     sharded corpus as the training job would (``eval_after=shared``). Rank 0 writes ``DIR/eval/S.json`` and
     adds the row to ``DIR/metrics.json`` and ``DIR/results.md``.
     """
-    import os
-
-    import torch
     from omegaconf import OmegaConf
 
     from me5.app.pipeline import build, evaluate_all, write_results
@@ -228,19 +253,12 @@ def run_stage_job(args: argparse.Namespace) -> dict[str, float]:
     evaluators = {k: build(v, prompts=prompts) for k, v in (cfg.eval or {}).items()}  # data checks first
     if not evaluators:
         raise ConfigError("--run", f"the run's eval group is empty ({cfg_file})")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = args.device
-    if world > 1 and not torch.distributed.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available() and device is None:
-            torch.cuda.set_device(local)
-            device = f"cuda:{local}"
-        torch.distributed.init_process_group("nccl" if str(device or "cpu").startswith("cuda") else "gloo")
+    rank, world, device = start_distributed(args.device)
     try:
         encoder, tokenizer, _ = load_model(str(export), settings, device)
         t0 = time.perf_counter()
         metrics = evaluate_all(evaluators, encoder, tokenizer)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank == 0:
             record = {"stage": args.stage, "export": str(export), "settings": settings, "metrics": metrics,
                       "eval_s": round(time.perf_counter() - t0, 1), "world_size": world}
             out = run_dir / "eval" / f"{args.stage}.json"
@@ -256,12 +274,15 @@ def run_stage_job(args: argparse.Namespace) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- suites
-SUITE_BENCHMARKS = ("miracl", "bucc", "tatoeba", "mteb")
+# tatoeba_backward: Tatoeba eng -> xxx (the paper's and mteb's Tatoeba is xxx -> eng), from the same folder
+SUITE_BENCHMARKS = ("miracl", "bucc", "tatoeba", "tatoeba_backward", "mteb")
 SUITES = {"paper": SUITE_BENCHMARKS}
+_BITEXT = {"bucc": ("bucc", "forward"), "tatoeba": ("tatoeba", "forward"), "tatoeba_backward": ("tatoeba", "backward")}
 
 
-def _suite_evaluators(args, prompts) -> dict:
-    """The suite's evaluators, with every data folder checked before the model is loaded."""
+def _suite_evaluators(args, prompts, *, work_dir: Path | None) -> dict:
+    """The suite's evaluators, with every data folder checked before the model is loaded; MIRACL's corpora are
+    encoded into shards under ``work_dir`` (each rank its part) when it is given."""
     from me5.eval.bitext import TASK_PAIRS, BitextEvaluator
     from me5.eval.miracl import LANGUAGES
     from me5.eval.retrieval import RetrievalEvaluator, load_beir
@@ -272,25 +293,25 @@ def _suite_evaluators(args, prompts) -> dict:
     for bench in wanted:
         if bench == "mteb":
             continue  # mteb checks its own datasets (the HF cache) task by task
-        folder = root / bench
+        task, direction = _BITEXT.get(bench, (bench, "forward"))
+        folder = root / task
         if not folder.is_dir():
             raise DataError(f"no {bench} data for --suite {args.suite} (see --data-root)", file=str(folder))
         if bench == "miracl":
             langs = [lang for lang in LANGUAGES if (folder / lang).is_dir()]
             _warn_missing(bench, LANGUAGES, langs, folder)
-            # as conf/eval/miracl.yaml: one language in memory at a time, the recipe's 512 tokens and fp16, and
-            # (with --output-dir) the corpus encoded into resumable fp16 shards, searched in parts
-            work_dir = Path(args.output_dir) / "embeddings" if args.output_dir else None
+            # as conf/eval/miracl.yaml: one language at a time, the recipe's 512 tokens and fp16, and (with
+            # work_dir) the corpus encoded into resumable fp16 shards, each rank reading and encoding its part
             out[bench] = RetrievalEvaluator(load_beir(folder, split="dev", lazy=True), name="miracl", prompts=prompts,
                                             task="miracl", languages=langs or list(LANGUAGES),
                                             batch_size=args.batch_size, query_max_length=args.query_max_length,
                                             passage_max_length=args.passage_max_length, max_tokens=65536,
                                             precision="fp16", work_dir=work_dir)
         else:
-            pairs = [p for p in TASK_PAIRS[bench] if _has_pair(folder, p)]
-            _warn_missing(bench, TASK_PAIRS[bench], pairs, folder)
-            out[bench] = BitextEvaluator(folder, task=bench, prompts=prompts, languages=pairs or None,
-                                         batch_size=args.batch_size)
+            pairs = [p for p in TASK_PAIRS[task] if _has_pair(folder, p)]
+            _warn_missing(bench, TASK_PAIRS[task], pairs, folder)
+            out[bench] = BitextEvaluator(folder, task=task, direction=direction, prompts=prompts,
+                                         languages=pairs or None, batch_size=args.batch_size)
     return out
 
 
@@ -313,7 +334,14 @@ def _warn_missing(bench: str, wanted, present, folder: Path) -> None:
 
 def run_suite(args: argparse.Namespace) -> dict[str, float]:
     """``--suite``: every benchmark of the suite, our scores beside the paper's (``me5.eval.paper``), written to
-    ``results.md``, ``metrics.json`` and (``--wandb``) a W&B table."""
+    ``results.md``, ``metrics.json`` and (``--wandb``) a W&B table.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the processes form a group (NCCL on GPUs, else gloo) for MIRACL: each
+    rank reads, encodes (into ``<output dir>/embeddings``) and searches its part of every corpus. Then the group
+    is ended and rank 0 alone runs bitext mining and MTEB and writes the results; the other ranks return (no
+    rank waits in a collective while rank 0 runs the rest).
+    """
+    from me5.distributed import shutdown_process_group
     from me5.eval.paper import paper_model, side_by_side
 
     try:
@@ -324,14 +352,33 @@ def run_suite(args: argparse.Namespace) -> dict[str, float]:
     if args.prompts is not None:
         settings["prompts"] = args.prompts
     prompts = PromptPolicy(settings["prompts"])
-    evaluators = _suite_evaluators(args, prompts)  # data errors before the (slow) model load
-    encoder, tokenizer, device = load_model(args.model, settings, args.device)
+    out = Path(args.output_dir or Path("outputs") / "eval" / (Path(args.model).name or "model"))
+    # on disk with --output-dir, and always with several processes: the ranks share the corpus through the shards
+    work_dir = out / "embeddings" if args.output_dir or launched_world() > 1 else None
+    evaluators = _suite_evaluators(args, prompts, work_dir=work_dir)  # data errors before the (slow) model load
+    rank, world, device = start_distributed(args.device)
     metrics: dict[str, float] = {}
     timings: dict[str, float] = {}
-    for bench, ev in evaluators.items():
+
+    def evaluate(bench: str) -> None:
         t0 = time.perf_counter()
-        metrics.update(ev.evaluate(encoder, tokenizer, device=device, show_progress=sys.stderr.isatty()))
+        metrics.update(evaluators[bench].evaluate(encoder, tokenizer, device=device,
+                                                  show_progress=rank == 0 and sys.stderr.isatty()))
         timings[bench] = round(time.perf_counter() - t0, 1)
+
+    shared = [b for b, ev in evaluators.items() if world > 1 and getattr(ev, "shares_ranks", True)]
+    try:
+        encoder, tokenizer, device = load_model(args.model, settings, device)
+        for bench in shared:
+            evaluate(bench)
+    finally:
+        shutdown_process_group()  # what follows is rank 0's alone: no collective is left for the others to wait in
+    if rank != 0:
+        log.info("rank %d of %d: its part of %s is done; rank 0 runs the rest and writes the results", rank, world,
+                 ", ".join(shared) or "nothing")
+        return metrics
+    for bench in [b for b in evaluators if b not in shared]:
+        evaluate(bench)
     if "mteb" in (args.benchmarks or SUITES[args.suite]):
         from me5.eval.mteb import Me5MtebEncoder, evaluate_mteb, paper_tasks
 
@@ -341,11 +388,10 @@ def run_suite(args: argparse.Namespace) -> dict[str, float]:
         metrics.update(evaluate_mteb(wrapper, paper_tasks(), prompts=prompts, batch_size=args.batch_size))
         timings["mteb"] = round(time.perf_counter() - t0, 1)
     table = side_by_side(metrics, column)
-    out = Path(args.output_dir or Path("outputs") / "eval" / (Path(args.model).name or "model"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table.markdown() + "\n", encoding="utf-8")
     record = {"model": args.model, "suite": args.suite, "paper_model": column, "settings": settings,
-              "metrics": metrics, "paper": table.records(), "timings_s": timings}
+              "metrics": metrics, "paper": table.records(), "timings_s": timings, "world_size": world}
     (out / "metrics.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(table.markdown())
     print(f"\nresults: {out / 'results.md'}")

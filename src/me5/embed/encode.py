@@ -5,7 +5,8 @@ The one embedding core of evaluation, mining and the consistency filter:
 * :func:`encode_texts` embeds texts in memory and returns a CPU float32 matrix in input order.
 * :func:`encode_corpus` embeds ``(ids, texts)`` into a folder of fp16 shards, each process (rank ``r`` of
   ``world``) its own slice of the corpus, so that memory is bounded by one shard; a killed run resumes where it
-  stopped (finished shards are kept), and :class:`EmbeddingShards` streams the shards back for search.
+  stopped (finished shards are kept), and :class:`EmbeddingShards` streams the shards back for search. A caller
+  that read only its rank's rows passes them as :class:`RankRows` with the corpus's digest (``corpus_key``).
 
 Batching. The texts of a chunk (a shard, or ``chunk_rows`` texts in memory) are tokenised with the caller's prompt
 prefix (from :class:`~me5.prompts.PromptPolicy`; this module writes no prompt of its own), sorted by tokenised
@@ -54,6 +55,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 DEFAULT_MAX_LENGTH = 512  # the recipe's evaluation length (unilm mteb_beir_eval.py)
 DEFAULT_SHARD_ROWS = 65536
+TOKENIZE_SLICE = 512  # texts per encode_batch call of the tokenizer thread pool
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -93,13 +95,47 @@ def prompt_length_for(encoder: nn.Module, tokenizer, prefix: str) -> int | None:
     return prompt_token_count(tokenizer, prefix)
 
 
+def _cpu_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 32))
+
+
 def tokenize(tokenizer, texts: Sequence[str], *, prefix: str = "", max_length: int = DEFAULT_MAX_LENGTH) -> list[list[int]]:
-    """Token ids of ``prefix + text`` for each text, truncated to ``max_length`` (special tokens included)."""
+    """Token ids of ``prefix + text`` for each text, truncated to ``max_length`` (special tokens included).
+
+    Equal to ``tokenizer(texts, max_length=, truncation=True)["input_ids"]`` (tested). A fast tokenizer's Rust
+    backend is called directly, slices of :data:`TOKENIZE_SLICE` texts on a pool of threads (``encode_batch``
+    releases the GIL, so this is parallel even where ``TOKENIZERS_PARALLELISM=false`` keeps each call serial):
+    on a GPU, single-threaded tokenisation, not the encoder, bounds the corpus rate.
+    """
     if not texts:
         return []
-    out = tokenizer([prefix + t for t in texts], max_length=max_length, truncation=True, add_special_tokens=True,
-                    return_attention_mask=False)
-    return [list(ids) for ids in out["input_ids"]]
+    inputs = [prefix + t for t in texts]
+    rust = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if rust is None:  # a slow (Python) tokenizer
+        out = tokenizer(inputs, max_length=max_length, truncation=True, add_special_tokens=True,
+                        return_attention_mask=False)
+        return [list(ids) for ids in out["input_ids"]]
+    # the settings ``tokenizer(..., truncation=True, max_length=)`` puts on the same backend object (HF sets them
+    # on every call, so they are restored by the next HF call that needs others)
+    rust.no_padding()
+    rust.enable_truncation(max_length, stride=0, strategy="longest_first",
+                           direction=getattr(tokenizer, "truncation_side", "right"))
+
+    def run(lo: int) -> list[list[int]]:
+        return [enc.ids for enc in rust.encode_batch(inputs[lo : lo + TOKENIZE_SLICE], add_special_tokens=True)]
+
+    starts = range(0, len(inputs), TOKENIZE_SLICE)
+    workers = min(_cpu_threads(), len(starts))
+    if workers == 1:
+        return run(0)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="me5-tokenize") as pool:
+        return [ids for part in pool.map(run, starts) for ids in part]
 
 
 def effective_precision(precision: str, device: torch.device) -> str:
@@ -138,27 +174,40 @@ def _embed_token_rows(encoder: nn.Module, rows: list[list[int]], *, pad_id: int,
                       max_batch: int, device: torch.device, precision: str, progress=None,
                       prompt_length: int | None = None) -> Tensor:
     """(len(rows), D) float32 CPU embeddings of already tokenised rows, in their order; ``prompt_length`` (the
-    tokens of the prompt every row starts with) goes to the encoder when given (:func:`prompt_length_for`)."""
+    tokens of the prompt every row starts with) goes to the encoder when given (:func:`prompt_length_for`).
+
+    The host never waits for the device inside the loop: on CUDA a batch is built in pinned memory and copied
+    without blocking, its embeddings stay on the device (in batch order), and one copy at the end brings them
+    back, so building batch k+1 overlaps the forward of batch k.
+    """
     extra = () if prompt_length is None else (prompt_length,)
-    out: Tensor | None = None
+    cuda = device.type == "cuda"
+    order: list[int] = []
+    parts: list[Tensor] = []
     for batch in plan_batches([len(r) for r in rows], max_tokens=max_tokens, max_batch=max_batch):
         width = _round_up(len(rows[batch[0]]), 8)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
         for j, i in enumerate(batch):
             n = len(rows[i])
             span = slice(width - n, width) if left_pad else slice(0, n)
-            ids[j, span] = torch.tensor(rows[i], dtype=torch.long)
+            ids[j, span] = rows[i]
             mask[j, span] = 1
+        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        if cuda:
+            ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
         with _autocast(device, precision):
-            emb = encoder(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), *extra)
-        emb = emb.float().cpu()
-        if out is None:
-            out = torch.empty(len(rows), emb.size(1))
-        out[torch.tensor(batch)] = emb
+            emb = encoder(ids_t.to(device, non_blocking=True), mask_t.to(device, non_blocking=True), *extra)
+        parts.append(emb.float() if cuda else emb.float().cpu())
+        order += batch
         if progress is not None:
             progress.update(len(batch))
-    return out if out is not None else torch.zeros(0, 0)
+    if not parts:
+        return torch.zeros(0, 0)
+    stacked = torch.cat(parts).cpu()
+    out = torch.empty_like(stacked)
+    out[torch.tensor(order)] = stacked
+    return out
 
 
 def _pad_info(tokenizer) -> tuple[int, bool]:
@@ -252,6 +301,33 @@ def corpus_digest(ids: Sequence[str], texts: Sequence[str], *, chunk: int = 6553
         h.update("\x00".join(texts[c0 : c0 + chunk]).encode("utf-8", "surrogatepass"))
         h.update(b"\x02")
     return h.hexdigest()
+
+
+class RankRows:
+    """One column (ids or texts) of an ``n``-row corpus of which this process holds only the rows ``rows`` (its
+    :func:`rank_rows`): ``len()`` is the corpus's, indexing a row outside ``rows`` is an ``IndexError``. What
+    :func:`encode_corpus` takes from a caller that read only its part of the corpus file (with ``corpus_key``)."""
+
+    def __init__(self, n: int, rows: range, values: Sequence):
+        if len(rows) != len(values):
+            raise ValueError(f"{len(values)} values for {len(rows)} rows")
+        if len(rows) and not (0 <= rows[0] and rows[-1] < n):
+            raise ValueError(f"rows {rows} are not inside a corpus of {n} rows")
+        self.n, self.rows, self.values = int(n), rows, values
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if not isinstance(i, int):
+            raise TypeError("RankRows is indexed by one corpus row at a time")
+        try:
+            return self.values[self.rows.index(i)]
+        except ValueError:
+            raise IndexError(f"row {i} is not held here (rows {self.rows} of {self.n})") from None
+
+    def __iter__(self):
+        raise TypeError("a RankRows holds one rank's rows only: index it by corpus row, or iterate over .values")
 
 
 def _digest(obj) -> str:
@@ -358,6 +434,7 @@ def encode_corpus(
     model_id: str | None = None,
     device: torch.device | str | None = None,
     max_new_shards: int | None = None,
+    corpus_key: str | None = None,
     barrier: bool = True,
     show_progress: bool = False,
     desc: str = "encode",
@@ -365,7 +442,8 @@ def encode_corpus(
     """Embed this rank's slice of the corpus into fp16 shards under ``out_dir`` (see the module docstring).
 
     Args:
-        ids, texts: the corpus rows (the same on every rank).
+        ids, texts: the corpus rows (the same on every rank), or :class:`RankRows` holding only this rank's
+            rows (then ``corpus_key`` is needed: the texts of the other ranks are not there to hash).
         prefix: the prompt of these texts (``PromptPolicy.document(...)`` / ``.query(...)``).
         max_length, max_tokens, max_batch, precision: as :func:`encode_texts`.
         shard_rows: rows per shard (memory per rank is one shard of embeddings and tokens).
@@ -375,6 +453,9 @@ def encode_corpus(
         overwrite: a folder holding another run is started over instead of being an error.
         model_id: a name recorded in the fingerprint besides the weights' hash (a path, a step).
         max_new_shards: stop after writing this many shards (a time-boxed job; the next call resumes).
+        corpus_key: the corpus's digest as the caller computed it, the same on every rank (e.g. from the file
+            the corpus was read from: :func:`me5.eval.retrieval.read_corpus_part`); default
+            :func:`corpus_digest` of ``ids`` and ``texts`` (every text, on every rank).
         barrier: wait for every rank at the end when torch.distributed runs ``world`` processes.
     """
     from tqdm.auto import tqdm
@@ -384,6 +465,16 @@ def encode_corpus(
     if shard_rows < 1:
         raise ConfigError("embed.shard_rows", f"need a positive number of rows per shard, got {shard_rows}")
     rank, world = _world(rank, world)
+    partial = [name for name, col in (("ids", ids), ("texts", texts)) if isinstance(col, RankRows)]
+    if partial and corpus_key is None:
+        raise ConfigError("embed.corpus_key", f"{' and '.join(partial)} hold only this rank's rows: give the "
+                          "corpus's digest (corpus_key), computed the same way on every rank")
+    for name in partial:
+        col = ids if name == "ids" else texts
+        want = rank_rows(len(ids), rank, world, split)
+        if col.rows != want:
+            raise ConfigError(f"embed.{name}", f"holds rows {col.rows}, but rank {rank} of {world} ({split}) "
+                              f"encodes rows {want}")
     if world > 1 and is_fsdp_sharded(encoder):
         raise ConfigError("embed.world", "an FSDP-sharded encoder runs the same forwards on every rank; encode "
                           "the corpus with encode_texts (in memory) or on one process")
@@ -401,7 +492,7 @@ def encode_corpus(
         "prefix": prefix,
         "max_length": int(max_length),
         "precision": precision_used,
-        "corpus": corpus_digest(ids, texts),
+        "corpus": corpus_key if corpus_key is not None else corpus_digest(ids, texts),
         "rows": len(ids),
     }
     layout = {"world": world, "split": split, "shard_rows": int(shard_rows)}

@@ -332,6 +332,9 @@ class BitextEvaluator:
     columns average the pairs' scores).
     """
 
+    #: in a distributed job one rank evaluates (:func:`me5.app.pipeline.evaluate_all`): the sets are small
+    shares_ranks = False
+
     def __init__(
         self,
         data: str | Path | Mapping[str, BitextPair],

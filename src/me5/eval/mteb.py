@@ -497,6 +497,10 @@ class MtebEvaluator:
     for the 56 tasks, but a dataset missing from the cache is then an error before training starts, not after it.
     """
 
+    #: in a distributed job rank 0 runs MTEB alone and the others wait for its scores
+    #: (:func:`me5.app.pipeline.evaluate_all`): mteb's tasks do not split over ranks
+    shares_ranks = False
+
     def __init__(self, tasks: str | Sequence[str] = "paper", *, prompts: PromptPolicy | None = None,
                  batch_size: int = 64, cache_dir: str | None = None, output_dir: str | None = None,
                  offline: bool = True, check_data: bool = False):

@@ -19,21 +19,36 @@ Embedding and search are :mod:`me5.embed`'s (the core that mining and the consis
 length-sorted token-budget batches (:func:`~me5.embed.encode.encode_texts`), or with ``work_dir`` the corpus
 encoded into fp16 shards (:func:`~me5.embed.encode.encode_corpus`: split over the ranks of a distributed job,
 resumable) and searched block by block; exact search (torch) or FAISS, ties in trec_eval's order.
+
+With ``work_dir`` and a lazily read per-language folder (``load_beir(..., lazy=True)``, as MIRACL is configured),
+each rank reads every line of a language's corpus file but keeps only the text of its own rows (every
+``world``-th: :class:`CorpusPart`, :func:`read_corpus_part`), keyed by a digest of the file that hashes no text.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+from array import array
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from me5.data.readers import iter_jsonl
-from me5.embed.encode import PRECISIONS, EmbeddingShards, encode_corpus, encode_texts, is_fsdp_sharded
+from me5.distributed import world_info
+from me5.embed.encode import (
+    PRECISIONS,
+    EmbeddingShards,
+    RankRows,
+    encode_corpus,
+    encode_texts,
+    is_fsdp_sharded,
+)
 from me5.embed.search import METHODS, distributed_search, to_run
 from me5.embed.search import search as search_topk
 from me5.errors import ConfigError, DataError
@@ -46,11 +61,35 @@ UNKNOWN_LANG = "und"  # a query without ``lang`` in a dataset where other querie
 
 
 @dataclass
-class RetrievalData:
-    """One retrieval dataset: ``corpus`` {id: {"title", "text", "lang"?}}, ``queries`` {id: {"text", "lang"?}},
-    ``qrels`` {query id: {doc id: grade}}. ``path`` is where it was read from, for messages."""
+class CorpusPart:
+    """One process's part of a corpus file of ``n`` rows: the rows ``rank, rank + world, ...`` (the ``strided``
+    split of :func:`me5.embed.encode.rank_rows`), their ids and passage texts (``(title + " " + text).strip()``),
+    and ``digest``, a key of the file that every rank computes alike without hashing any text (its name, size and
+    modification time, the row count and every id, in order). Read by :func:`read_corpus_part`."""
 
-    corpus: dict[str, dict[str, str]]
+    path: Path
+    n: int
+    rank: int
+    world: int
+    ids: list[str]
+    texts: list[str]
+    digest: str
+
+    @property
+    def rows(self) -> range:
+        return range(self.rank, self.n, self.world)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@dataclass
+class RetrievalData:
+    """One retrieval dataset: ``corpus`` {id: {"title", "text", "lang"?}} (or one rank's :class:`CorpusPart` of
+    it), ``queries`` {id: {"text", "lang"?}}, ``qrels`` {query id: {doc id: grade}}. ``path`` is where it was read
+    from, for messages."""
+
+    corpus: dict[str, dict[str, str]] | CorpusPart
     queries: dict[str, dict[str, str]]
     qrels: dict[str, dict[str, int]]
     path: Path | None = field(default=None, compare=False)
@@ -106,6 +145,13 @@ class LazyLanguages(Mapping):
             raise KeyError(lang)
         return _load_one(self.dirs[lang], self.split, lang=lang)
 
+    def load(self, lang: str, *, part: tuple[int, int] | None = None) -> RetrievalData:
+        """``self[lang]``, or with ``part=(rank, world)`` its corpus as that rank's :class:`CorpusPart` (the
+        queries and judgments whole): what a rank that encodes only its rows needs to hold."""
+        if lang not in self.dirs:
+            raise KeyError(lang)
+        return _load_one(self.dirs[lang], self.split, lang=lang, part=part)
+
     def __iter__(self):
         return iter(self.dirs)
 
@@ -121,10 +167,16 @@ def _beir_file(root: Path, stem: str) -> Path | None:
     return next((f for f in (root / f"{stem}.jsonl", root / f"{stem}.jsonl.gz") if f.is_file()), None)
 
 
-def _load_one(root: Path, split: str, lang: str | None = None) -> RetrievalData:
-    corpus = _read_records(_beir_file(root, "corpus") or root / "corpus.jsonl", ("title", "text"), lang)
+def _load_one(root: Path, split: str, lang: str | None = None, part: tuple[int, int] | None = None
+              ) -> RetrievalData:
+    corpus_file = _beir_file(root, "corpus") or root / "corpus.jsonl"
     queries = _read_records(_beir_file(root, "queries") or root / "queries.jsonl", ("text",), lang)
     qrels = _read_qrels(root, split)
+    if part is None:
+        corpus = present = _read_records(corpus_file, ("title", "text"), lang)
+    else:  # the judged documents that exist: all the qrels filter below needs of the rows other ranks hold
+        judged = {did for rels in qrels.values() for did in rels}
+        corpus, present = read_corpus_part(corpus_file, rank=part[0], world=part[1], judged=judged)
 
     unknown_q = unknown_d = 0
     kept: dict[str, dict[str, int]] = {}
@@ -132,7 +184,7 @@ def _load_one(root: Path, split: str, lang: str | None = None) -> RetrievalData:
         if qid not in queries:
             unknown_q += len(rels)
             continue
-        known = {did: g for did, g in rels.items() if did in corpus}
+        known = {did: g for did, g in rels.items() if did in present}
         unknown_d += len(rels) - len(known)
         if known:
             kept[qid] = known
@@ -159,18 +211,7 @@ def _read_records(path: Path, fields: Sequence[str], lang: str | None) -> dict[s
     """{_id: {field: str, "lang"?}} from a jsonl file; ``title`` may be absent or null, ``text`` may not."""
     out: dict[str, dict[str, str]] = {}
     for line_no, rec in iter_jsonl(path):
-        if "_id" not in rec:
-            raise DataError("missing '_id'", file=str(path), line=line_no, field="_id")
-        rid = str(rec["_id"])
-        row = {}
-        for name in fields:
-            value = rec.get(name)
-            if value is None and name == "title":
-                value = ""
-            if not isinstance(value, str):
-                what = "missing" if value is None else f"expected a string, got {type(value).__name__}"
-                raise DataError(what, file=str(path), line=line_no, field=name)
-            row[name] = value
+        rid, row = _record(rec, fields, path, line_no)
         rec_lang = rec.get("lang") or lang
         if rec_lang:
             row["lang"] = str(rec_lang)
@@ -178,6 +219,80 @@ def _read_records(path: Path, fields: Sequence[str], lang: str | None) -> dict[s
             raise DataError(f"duplicate _id '{rid}'", file=str(path), line=line_no, field="_id")
         out[rid] = row
     return out
+
+
+def _record(rec: dict, fields: Sequence[str], path: Path, line_no: int) -> tuple[str, dict[str, str]]:
+    """``(_id, {field: str})`` of one jsonl record, checked (file:line:field named)."""
+    if "_id" not in rec:
+        raise DataError("missing '_id'", file=str(path), line=line_no, field="_id")
+    row = {}
+    for name in fields:
+        value = rec.get(name)
+        if value is None and name == "title":
+            value = ""
+        if not isinstance(value, str):
+            what = "missing" if value is None else f"expected a string, got {type(value).__name__}"
+            raise DataError(what, file=str(path), line=line_no, field=name)
+        row[name] = value
+    return str(rec["_id"]), row
+
+
+def read_corpus_part(path: str | Path, *, rank: int, world: int, judged: Iterable[str] = ()
+                     ) -> tuple[CorpusPart, set[str]]:
+    """Rank ``rank`` of ``world``'s :class:`CorpusPart` of a BEIR ``corpus.jsonl(.gz)``, and which of the
+    ``judged`` doc ids the whole file holds.
+
+    Every rank reads (and checks) every line, as :func:`load_beir` does, but keeps the text of its own rows only:
+    memory is this rank's ids and texts, plus 8 bytes a row (a hash of each id, for the duplicate check) and
+    the judged ids found. The ``digest`` hashes the file's name, size and modification time and the ids, not the
+    texts: the same on every rank of a shared file system, and it changes when the file is rewritten.
+    """
+    path = Path(path)
+    if not 0 <= rank < world:
+        raise ConfigError("eval.rank", f"rank {rank} is not in [0, {world})")
+    judged = set(judged)
+    stat = path.stat()
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{path.name};{stat.st_size};{stat.st_mtime_ns};".encode())
+    ids: list[str] = []
+    texts: list[str] = []
+    found: set[str] = set()
+    id_hashes = array("q")
+    pending: list[str] = []
+    n = 0
+    for line_no, rec in iter_jsonl(path):
+        rid, row = _record(rec, ("title", "text"), path, line_no)
+        id_hashes.append(hash(rid))
+        pending.append(rid)
+        if len(pending) >= 65536:
+            digest.update("\x00".join(pending).encode("utf-8", "surrogatepass") + b"\x01")
+            pending = []
+        if rid in judged:
+            found.add(rid)
+        if n % world == rank:
+            ids.append(rid)
+            texts.append((row["title"] + " " + row["text"]).strip())
+        n += 1
+    digest.update("\x00".join(pending).encode("utf-8", "surrogatepass") + b"\x01" + f"{n}".encode())
+    _check_unique_ids(path, id_hashes)
+    return CorpusPart(path, n, rank, world, ids, texts, digest.hexdigest()), found
+
+
+def _check_unique_ids(path: Path, id_hashes: array) -> None:
+    """A :class:`DataError` at the second line of a repeated ``_id``; ids whose hashes collide are compared by a
+    second read of those lines only."""
+    hashes = np.frombuffer(id_hashes, dtype=np.int64) if len(id_hashes) else np.zeros(0, dtype=np.int64)
+    values, counts = np.unique(hashes, return_counts=True)
+    clashing = set(values[counts > 1].tolist())
+    if not clashing:
+        return
+    seen: set[str] = set()
+    for line_no, rec in iter_jsonl(path):
+        rid = str(rec["_id"])
+        if hash(rid) in clashing:
+            if rid in seen:
+                raise DataError(f"duplicate _id '{rid}'", file=str(path), line=line_no, field="_id")
+            seen.add(rid)
 
 
 def _read_qrels(root: Path, split: str) -> dict[str, dict[str, int]]:
@@ -233,7 +348,9 @@ class RetrievalEvaluator:
             (``nprobe=64``), for ``search="faiss"``.
         work_dir: encode each corpus into fp16 shards under ``work_dir/<name>/<lang or all>`` (split over the
             ranks of a torch.distributed job, resumable, memory bounded by a shard) instead of in memory; a
-            folder of an earlier model is replaced.
+            folder of an earlier model is replaced. A lazily read per-language folder is then read in parts: a
+            rank holds its rows' text only (see the module docstring). Every rank calls :meth:`evaluate`
+            (``shares_ranks``); without ``work_dir`` one rank can evaluate alone.
         shard_rows: rows per shard with ``work_dir``.
         k_values: cut-offs; nDCG@k and Recall@k are reported for each, and ``max(k_values)`` docs are retrieved.
         languages: evaluate only these languages (``None``: all).
@@ -322,10 +439,9 @@ class RetrievalEvaluator:
         if device is None:  # search where the encoder lives (encode returns CPU tensors)
             param = next(iter(encoder.parameters()), None) if hasattr(encoder, "parameters") else None
             device = param.device if param is not None else torch.device("cpu")
-        parts = self.data.items() if isinstance(self.data, Mapping) else [(None, self.data)]
         per_query: dict[str, dict[str, float]] = defaultdict(dict)  # metric -> {qid: value}
         lang_of: dict[str, str | None] = {}
-        for part_lang, data in parts:
+        for part_lang, data in self._parts(encoder, tokenizer):
             run = self._run(data, encoder, tokenizer, device, show_progress, desc=part_lang or self.name,
                             part=part_lang)
             for k in self.k_values:
@@ -339,30 +455,55 @@ class RetrievalEvaluator:
                 )
         return self._aggregate(per_query, lang_of)
 
+    @property
+    def shares_ranks(self) -> bool:
+        """Whether every rank of a distributed job takes part in :meth:`evaluate` (each encodes and searches its
+        part of the corpus: ``work_dir``), rather than one rank evaluating alone."""
+        return self.work_dir is not None
+
+    def _on_disk(self, encoder, tokenizer) -> bool:
+        return self.work_dir is not None and _forward_encoder(encoder, tokenizer) and not is_fsdp_sharded(encoder)
+
+    def _parts(self, encoder, tokenizer) -> Iterable[tuple[str | None, RetrievalData]]:
+        """``(language or None, data)`` to evaluate in turn; a lazily read per-language folder encoded under
+        ``work_dir`` is read as this rank's :class:`CorpusPart` of each corpus (a rank holds its rows' text only)."""
+        if not isinstance(self.data, Mapping):
+            return [(None, self.data)]
+        if isinstance(self.data, LazyLanguages) and self._on_disk(encoder, tokenizer):
+            rank, world = world_info()
+            return ((lang, self.data.load(lang, part=(rank, world))) for lang in self.data)
+        return self.data.items()
+
     def _run(
         self, data: RetrievalData, encoder, tokenizer, device, show_progress, desc, part: str | None = None
     ) -> dict[str, dict[str, float]]:
-        doc_ids = list(data.corpus)
-        doc_texts = [(d["title"] + " " + d["text"]).strip() for d in data.corpus.values()]
         q_ids = [q for q in data.queries if data.qrels.get(q)]
         q_texts = [data.queries[q]["text"] for q in q_ids]
-        if _forward_encoder(encoder, tokenizer):
+        if isinstance(data.corpus, CorpusPart):  # read so only for an encoder that runs here (see _parts)
+            docs, doc_ids = self._encode_part(encoder, tokenizer, data.corpus, device, show_progress, desc, part)
+        else:
+            doc_ids = list(data.corpus)
+            doc_texts = [(d["title"] + " " + d["text"]).strip() for d in data.corpus.values()]
+            if not _forward_encoder(encoder, tokenizer):  # an embedder with its own encode (test doubles, others)
+                common = {"batch_size": self.batch_size, "device": device, "show_progress": show_progress}
+                docs = encoder.encode(
+                    doc_texts, tokenizer, prefix=self.passage_prefix, max_length=self.passage_max_length,
+                    desc=f"{desc} corpus", **common,
+                )  # fmt: skip
+                queries = encoder.encode(
+                    q_texts, tokenizer, prefix=self.query_prefix, max_length=self.query_max_length,
+                    desc=f"{desc} queries", **common,
+                )  # fmt: skip
+                return self._search(queries, docs, doc_ids, q_ids, device)
             docs, doc_ids = self._encode_corpus(encoder, tokenizer, doc_ids, doc_texts, device, show_progress, desc,
                                                 part)
-            queries = encode_texts(
-                encoder, tokenizer, q_texts, prefix=self.query_prefix, max_length=self.query_max_length,
-                desc=f"{desc} queries", **self._batching(device, show_progress),
-            )  # fmt: skip
-        else:  # an embedder with its own encode (test doubles, other models)
-            common = {"batch_size": self.batch_size, "device": device, "show_progress": show_progress}
-            docs = encoder.encode(
-                doc_texts, tokenizer, prefix=self.passage_prefix, max_length=self.passage_max_length,
-                desc=f"{desc} corpus", **common,
-            )  # fmt: skip
-            queries = encoder.encode(
-                q_texts, tokenizer, prefix=self.query_prefix, max_length=self.query_max_length,
-                desc=f"{desc} queries", **common,
-            )  # fmt: skip
+        queries = encode_texts(
+            encoder, tokenizer, q_texts, prefix=self.query_prefix, max_length=self.query_max_length,
+            desc=f"{desc} queries", **self._batching(device, show_progress),
+        )  # fmt: skip
+        return self._search(queries, docs, doc_ids, q_ids, device)
+
+    def _search(self, queries, docs, doc_ids, q_ids, device) -> dict[str, dict[str, float]]:
         # a sharded corpus is searched by every rank, each its part, and merged: no rank waits for another
         find = distributed_search if isinstance(docs, EmbeddingShards) else search_topk
         scores, idx = find(
@@ -375,6 +516,20 @@ class RetrievalEvaluator:
         return {"max_tokens": self.max_tokens, "max_batch": self.batch_size, "precision": self.precision,
                 "device": device, "show_progress": show_progress}
 
+    def _folder(self, part: str | None) -> Path:
+        return self.work_dir / self.name.replace("/", "_") / (part or "all")
+
+    def _encode_part(self, encoder, tokenizer, corpus: CorpusPart, device, show_progress, desc, part):
+        """This rank's rows of ``corpus`` into the shards (``strided``: the rows it read), then every rank's."""
+        folder = self._folder(part)
+        encode_corpus(encoder, tokenizer, RankRows(corpus.n, corpus.rows, corpus.ids),
+                      RankRows(corpus.n, corpus.rows, corpus.texts), folder, corpus_key=corpus.digest,
+                      rank=corpus.rank, world=corpus.world, split="strided", shard_rows=self.shard_rows,
+                      overwrite=True, prefix=self.passage_prefix, max_length=self.passage_max_length,
+                      desc=f"{desc} corpus", **self._batching(device, show_progress))
+        shards = EmbeddingShards(folder)
+        return shards, shards.ids
+
     def _encode_corpus(self, encoder, tokenizer, doc_ids, doc_texts, device, show_progress, desc, part):
         """(embeddings or shards, their doc ids): in memory, or sharded under ``work_dir`` (not for an
         FSDP-sharded encoder, whose forwards must be the same on every rank)."""
@@ -384,7 +539,7 @@ class RetrievalEvaluator:
             log.warning("%s: FSDP-sharded encoder; encoding the corpus in memory, not under %s", self.name,
                         self.work_dir)
         elif self.work_dir is not None:
-            folder = self.work_dir / self.name.replace("/", "_") / (part or "all")
+            folder = self._folder(part)
             encode_corpus(encoder, tokenizer, doc_ids, doc_texts, folder, shard_rows=self.shard_rows,
                           overwrite=True, **common)
             shards = EmbeddingShards(folder)
