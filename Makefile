@@ -10,7 +10,6 @@ TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
 .DEFAULT_GOAL := help
 .PHONY: help setup train test test-full lint format sweep-example bench bench-data bench-encode bench-mine report notebook clean
@@ -64,8 +63,10 @@ $(VENV)/.notebook: $(VENV)/.installed
 	$(PIP) install -q -c constraints.txt -e ".[notebook]" 2>&1 | { grep -v "is ignored" || true; }
 	touch $@
 
-notebook: $(VENV)/.notebook ## execute notebooks/run_report.ipynb on the newest run or sweep ($ME5_LOG_DIR, else outputs/; outputs not committed)
-	$(PY) -m nbconvert --to notebook --execute notebooks/run_report.ipynb --output-dir $${TMPDIR:-/tmp} --output run_report.ipynb
+# the kernel runs in notebooks/: a folder given relative to here is made absolute first
+notebook: $(VENV)/.notebook ## execute notebooks/run_report.ipynb into $TMPDIR (outputs not committed); ARGS="[DIR]" (default: newest under $ME5_LOG_DIR, else outputs/)
+	ME5_REPORT_DIR="$(if $(strip $(ARGS)),$(abspath $(strip $(ARGS))))" $(if $(ME5_LOG_DIR),ME5_LOG_DIR="$(abspath $(ME5_LOG_DIR))") \
+	  $(PY) -m nbconvert --to notebook --execute notebooks/run_report.ipynb --output-dir $${TMPDIR:-/tmp} --output run_report.ipynb
 
 clean: ## remove generated data, runs and caches (keeps .venv)
 	rm -rf data/sample outputs multirun .pytest_cache

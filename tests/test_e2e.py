@@ -369,16 +369,19 @@ def _final_state(run_dir: Path) -> dict:
 
 def test_killed_runs_resume_to_the_uninterrupted_weights_and_history(tmp_path, data_dir):
     """SIGTERM at a random step: that step's checkpoint is saved and the job exits 143; the rerun is then
-    SIGKILLed at a later step (no checkpoint at the kill) and its newest checkpoint is truncated on disk; the
-    third attempt skips the truncated file, resumes from the one before, and ends bit-identical to an
-    uninterrupted run, with a metrics.csv holding every step once. A fourth rerun changes nothing."""
+    SIGKILLed at a later step that is no checkpoint's (the steps since the last checkpoint are lost) and its
+    last.ckpt is truncated on disk; the third attempt skips the truncated file, resumes from the newest step
+    checkpoint, redoes the lost steps, and ends bit-identical to an uninterrupted run, with a metrics.csv holding
+    every step once. A fourth rerun changes nothing. ``ME5_KILL_SEED`` picks other steps."""
     import random
 
+    every = 2
     rng = random.Random(int(os.environ.get("ME5_KILL_SEED", "0")))
-    term_at = rng.randint(1, 3)
-    kill_at = rng.randint(term_at + 1, 5)
+    term_at = rng.randint(1, 3)  # SIGTERM when step term_at starts: last.ckpt of step term_at + 1
+    # SIGKILL when a step starts that no checkpoint ends, after the SIGTERM's checkpoint: work is lost
+    kill_at = rng.choice([s for s in range(term_at + 2, 6) if s % every])
     common = [f"paths.data_dir={data_dir}", *SHORT, "stage=[pretrain]", "eval=none", "eval_baseline=false",
-              "checkpoint_every=2"]
+              f"checkpoint_every={every}"]
     ref = tmp_path / "ref"
     assert _cli([*common, f"hydra.run.dir={ref}"]).returncode == 0
     run_dir = tmp_path / "killed"
@@ -398,10 +401,13 @@ def test_killed_runs_resume_to_the_uninterrupted_weights_and_history(tmp_path, d
     r = _cli([*base, *killer("SIGKILL", kill_at)])
     assert r.returncode == -9, r.stderr[-2000:]
     newest = max(ckpts.glob("step*.ckpt"), key=lambda p: p.stat().st_mtime)
+    saved = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert saved == kill_at - kill_at % every == int(newest.stem[4:]), (saved, kill_at, newest)  # kill_at % every lost
     (ckpts / "last.ckpt").write_bytes((ckpts / "last.ckpt").read_bytes()[:1000])  # a node died mid-write
     r = _cli(base)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"checkpoint {ckpts / 'last.ckpt'} is unreadable" in r.stdout + r.stderr
+    assert f"resuming stage pretrain from {newest}" in (run_dir / "train.log").read_text()
     a, b = _final_state(ref), _final_state(run_dir)
     assert a["global_step"] == b["global_step"] == 6 and newest.exists()
     for k in a["state_dict"]:
@@ -419,18 +425,86 @@ def test_killed_runs_resume_to_the_uninterrupted_weights_and_history(tmp_path, d
         p: t for p, t in before.items() if p.name != "train.log"}
 
 
-def test_nan_guard_skips_the_step_and_stops_after_k_in_a_row(tmp_path, data_dir):
+def _fake_scontrol(folder: Path, rc: int = 0) -> Path:
+    """A ``scontrol`` that appends its arguments (one call per line) to ``<folder>/scontrol.calls``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    exe, calls = folder / "scontrol", folder / "scontrol.calls"
+    exe.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nexit {rc}\n')
+    exe.chmod(0o755)
+    return calls
+
+
+def test_sigusr1_on_slurm_saves_the_step_requeues_the_job_and_exits_non_zero(tmp_path, data_dir):
+    """A batch job of SLURM (its environment, and a fake ``scontrol`` on PATH that records its calls) gets SIGUSR1
+    (``--signal=USR1@300``) when step 2 starts: the step finishes, last.ckpt of step 3 is saved, ``scontrol requeue
+    <job>`` is called once (ours: Lightning's own SLURM requeue would save an hpc_ckpt and call it again) and the job
+    exits 138 (128 + SIGUSR1), with the metrics of steps 0-2 on disk for the requeued job to continue."""
+    calls = _fake_scontrol(tmp_path / "bin")
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "me5-train", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    run_dir = tmp_path / "r"
+    r = _cli([f"paths.data_dir={data_dir}", *SHORT, "stage=[pretrain]", "eval=none", "eval_baseline=false",
+              "checkpoint_every=100", f"hydra.run.dir={run_dir}", "+callbacks.kill._target_=tests.helpers.SignalAtStep",
+              "+callbacks.kill.step=2", "+callbacks.kill.signal=SIGUSR1", f"+callbacks.kill.marker={tmp_path / 'sig'}"],
+             env_extra=slurm)
+    assert r.returncode == 138, r.stdout[-2000:] + r.stderr[-2000:]
+    ckpts = run_dir / "checkpoints" / "pretrain"
+    assert f"me5: SIGUSR1 at step 3: saved {ckpts / 'last.ckpt'}; exiting 138 (SLURM job 4242 requeued)" in r.stdout
+    assert calls.read_text().splitlines() == ["requeue 4242"]
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt"]  # no step checkpoint, no hpc_ckpt of Lightning's
+    assert not list(run_dir.rglob("hpc_ckpt*"))
+    df = pd.read_csv(run_dir / "csv" / "pretrain" / "metrics.csv")
+    assert df.dropna(subset=["train/loss"])["step"].tolist() == [0, 1, 2]
+
+
+def _assert_same_state(a, b, what: str) -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b), what
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{what}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_state(x, y, f"{what}/{i}")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=what)
+    else:
+        assert a == b, what
+
+
+@pytest.mark.parametrize("what", ["loss", "grads"])
+def test_nan_guard_skips_the_step_and_stops_after_k_in_a_row(tmp_path, data_dir, what):
+    """A NaN loss (its gradients finite) or NaN gradients at step 2: the optimiser step is skipped (weights and
+    AdamW state bit-identical before and after it; 5 updates in 6 steps), counted and logged in
+    train/skipped_steps; three such steps in a row stop the run with an error naming the steps and the batch's
+    sources."""
     from me5.errors import Me5Error
 
-    extra = ["stage=[pretrain]", "eval=none", "eval_baseline=false", "+callbacks.nan._target_=tests.helpers.NaNGradsAt"]
-    run(cfg_for(tmp_path / "one", data_dir, [*extra, "+callbacks.nan.steps=[2]"]))
+    inject = "tests.faults.NaNLossAt" if what == "loss" else "tests.helpers.NaNGradsAt"
+    extra = ["stage=[pretrain]", "eval=none", "eval_baseline=false", f"+callbacks.nan._target_={inject}"]
+    snap = tmp_path / "step2.pt"
+    run(cfg_for(tmp_path / "one", data_dir, [*extra, "+callbacks.nan.steps=[2]", "+callbacks.snap._target_="
+                                             "tests.faults.StepSnapshot", "+callbacks.snap.step=2",
+                                             f"+callbacks.snap.path={snap}"]))
+    step2 = torch.load(snap, weights_only=False)
+    before, after = step2["before"], step2["after"]
+    _assert_same_state(before["weights"], after["weights"], "weights")
+    # AdamW's moments and step counts (the LR schedule advances: a skipped step still counts as a step)
+    _assert_same_state(before["optimizer"]["state"], after["optimizer"]["state"], "optimizer")
+    assert before["optimizer"]["state"]  # there was state to keep: steps 0-1 updated
     ck = torch.load(tmp_path / "one" / "run" / "checkpoints" / "pretrain" / "last.ckpt", map_location="cpu",
                     weights_only=False)
     assert ck["global_step"] == 6
     assert {int(s["step"]) for s in ck["optimizer_states"][0]["state"].values()} == {5}  # one update skipped
     assert all(bool(torch.isfinite(v).all()) for v in ck["state_dict"].values())
+    assert ck["callbacks"]["NonFiniteGuard"] == {"skipped": 1, "run": []}  # a resume keeps counting
     df = pd.read_csv(tmp_path / "one" / "run" / "csv" / "pretrain" / "metrics.csv")
     assert df["train/skipped_steps"].dropna().tolist() == [0, 0, 1, 1, 1, 1]
+    logged = df.dropna(subset=["train/lr"]).set_index("step")["train/loss"]  # a row per step, its loss maybe NaN
+    assert logged.index.tolist() == list(range(6)) and logged.drop(2).notna().all()
+    assert logged.isna()[2] == (what == "loss")  # the NaN loss is logged as it was
     with pytest.raises(Me5Error, match=r"not finite for 3 steps in a row \(steps 1-3.*sources: sample/\w+"):
         run(cfg_for(tmp_path / "three", data_dir, [*extra, "+callbacks.nan.steps=[1,2,3]"]))
 

@@ -150,3 +150,93 @@ def test_submitit_local_sweep_runs_a_tiny_job(tmp_path):
     text = report.write_report(job).read_text()
     assert "| pretrain | 1 |" in text and "| pretrain | " in text.split("## Held-out evaluation")[1]
     assert (job / "report.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory):
+    """The sample data and tokenizer, made once for this module (the jobs of a sweep must not race to make them)."""
+    from me5.data.synthetic import generate_sample_data
+    from me5.models.tokenizer import ensure_sample_tokenizer
+
+    root = tmp_path_factory.mktemp("data")
+    generate_sample_data(root / "sample", seed=0)
+    ensure_sample_tokenizer(root / "sample")
+    return root
+
+
+@pytest.mark.slow
+def test_submitit_local_requeues_a_preempted_job_which_resumes_to_the_same_weights(tmp_path, sample_dir):
+    """``hydra/launcher=submitit_local``, two jobs of one sweep: job 0 gets SIGTERM when step 2 starts, job 1 is never
+    signalled (step 99 > max_steps). Job 0 saves the step-3 checkpoint and exits with submitit's requeue code; the
+    controller restarts it in the same folder; it resumes and ends with job 1's weights, bit for bit, and one
+    metrics row per step. Submitit's own requeue (its USR2 handler) is not involved: the Preemption callback asks."""
+    import torch
+
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "me5.train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+           f"hydra.sweep.dir={sweep}", f"paths.data_dir={sample_dir}", f"paths.log_dir={tmp_path / 'logs'}",
+           "logger=csv", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "stage=[pretrain]",
+           "eval=none", "eval_baseline=false", "model.pretrain.max_steps=6", "model.pretrain.global_batch_size=16",
+           "model.pretrain.warmup_steps=6", "checkpoint_every=2",
+           "+callbacks.kill._target_=tests.helpers.SignalAtStep", "+callbacks.kill.signal=SIGTERM",
+           "+callbacks.kill.marker=${paths.output_dir}/signalled", "+callbacks.kill.step=2,99"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    killed, ref = sweep / "0", sweep / "1"
+    assert (killed / "signalled").exists() and not (ref / "signalled").exists()
+    # job 0's submitit log: the preemption line, then a second attempt that resumed from the saved step
+    job_id = OmegaConf.load(killed / ".hydra" / "hydra.yaml").hydra.job.id  # submitit's job id (its folder)
+    logs = {p.name: p.read_text() for p in (sweep / ".submitit" / str(job_id)).glob("*_log.*")}
+    out = "".join(logs.values())
+    ckpt = (killed / "checkpoints" / "pretrain" / "last.ckpt").resolve()
+    assert f"me5: SIGTERM at step 3: saved {ckpt}; exiting 144 (submitit's local controller restarts job" in out, logs
+    assert out.count("Starting with JobEnvironment") == 2, logs  # two attempts of the same task
+    assert f"resuming stage pretrain from {ckpt}" in (killed / "train.log").read_text()
+    a, b = (torch.load(d / "checkpoints" / "pretrain" / "last.ckpt", map_location="cpu", weights_only=False)
+            for d in (ref, killed))
+    assert a["global_step"] == b["global_step"] == 6
+    for k in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=0, msg=k)
+    hist = {d: pd.read_csv(d / "csv" / "pretrain" / "metrics.csv").dropna(subset=["train/loss"]) for d in (ref, killed)}
+    assert hist[killed]["step"].tolist() == hist[ref]["step"].tolist() == list(range(6))
+    assert hist[killed]["train/loss"].tolist() == hist[ref]["train/loss"].tolist()
+
+
+@pytest.mark.parametrize(("env", "rc", "note", "call"), [
+    ({"SLURM_JOB_ID": "77"}, 0, " (SLURM job 77 requeued)", "requeue 77"),
+    ({"SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3"}, 0, " (SLURM job 70_3 requeued)",
+     "requeue 70_3"),
+    ({"SLURM_JOB_ID": "77"}, 1, " (scontrol requeue 77 failed: 1)", "requeue 77"),
+    # submitit's local executor wins over an enclosing SLURM allocation: requeueing that would requeue the allocation
+    ({"SUBMITIT_LOCAL_JOB_ID": "555", "SLURM_JOB_ID": "77"}, 0, " (submitit's local controller restarts job 555: it "
+     "resumes)", None),
+    ({}, 0, " (rerun the same command with hydra.run.dir=/runs/x to resume)", None),
+    # `python -m me5.train` typed inside salloc: requeueing would requeue the interactive allocation
+    ({"SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "bash"}, 0, " (interactive SLURM job 77: not requeued; rerun with "
+     "hydra.run.dir=/runs/x to resume)", None),
+], ids=["slurm", "array", "scontrol_fails", "submitit_local", "no_scheduler", "interactive"])
+def test_preemption_requeues_through_the_scheduler_that_runs_the_job(tmp_path, monkeypatch, env, rc, note, call):
+    from me5.app.callbacks import Preemption
+
+    calls = tmp_path / "calls"
+    (tmp_path / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nexit {rc}\n')
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SUBMITIT_LOCAL_JOB_ID", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Preemption._requeue(Path("/runs/x")) == note
+    assert (calls.read_text().splitlines() if calls.exists() else None) == ([call] if call else None)
+
+
+def test_preemption_names_a_missing_scontrol(tmp_path, monkeypatch):
+    from me5.app.callbacks import Preemption
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol anywhere
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    for name in ("SLURM_ARRAY_JOB_ID", "SUBMITIT_LOCAL_JOB_ID", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert Preemption._requeue(Path("/runs/x")) == " (no scontrol here: requeue SLURM job 77 by hand)"

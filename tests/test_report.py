@@ -202,6 +202,7 @@ def test_notebook_runs_on_the_library_and_honours_ME5_LOG_DIR(tmp_path, monkeypa
 
     run = write_run(tmp_path / "logs" / "runs" / "x" / "2026-01-01_00-00-00")
     monkeypatch.setenv("ME5_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.delenv("ME5_REPORT_DIR", raising=False)  # what `make notebook ARGS=<folder>` sets
     monkeypatch.chdir(tmp_path)
     nb = nbformat.read(ROOT / "notebooks" / "run_report.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "outputs are not committed"
@@ -211,3 +212,44 @@ def test_notebook_runs_on_the_library_and_honours_ME5_LOG_DIR(tmp_path, monkeypa
         exec(compile(code, "run_report.ipynb", "exec"), ns)  # noqa: S102 -- the notebook's own cells
     assert ns["target"] == run and "ME5_LOG_DIR" in ns["why"]
     assert list(ns["table"].index) == ["untrained", "pretrain", "finetune"]
+
+
+def test_make_notebook_runs_on_a_given_folder_and_on_a_relative_ME5_LOG_DIR(tmp_path):
+    """`make notebook` executes the notebook with the project's venv (nbconvert and a kernel from the `notebook`
+    extra); a folder given in ARGS, or ME5_LOG_DIR, relative to the repository is found although the kernel runs
+    in notebooks/."""
+    import shutil
+
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbconvert", reason="the `notebook` extra is not installed (make notebook installs it)")
+    pytest.importorskip("ipykernel", reason="the `notebook` extra is not installed (make notebook installs it)")
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    logs = tmp_path / "logs"
+    older = write_run(logs / "runs" / "x" / "2026-01-01_00-00-00", score=0.3)
+    newer = write_run(logs / "runs" / "x" / "2026-01-02_00-00-00", score=0.5)
+    for f in older.rglob("*"):
+        os.utime(f, (1e9, 1e9))
+    venv = Path(sys.executable).parent.parent
+    # a `make test ARGS=...` around this test exports ARGS (and MAKEFLAGS) to it: the inner make must not see them
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ME5_LOG_DIR", "ME5_REPORT_DIR", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES", "ARGS")}
+    make = ["make", "-s", f"VENV={venv}", "-o", f"{venv}/.installed", "-o", f"{venv}/.notebook", "notebook"]
+
+    def executed(args, extra_env, out):
+        out.mkdir()
+        r = subprocess.run([*make, *args], cwd=ROOT, env={**env, **extra_env, "TMPDIR": str(out)},
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        nb = nbformat.read(out / "run_report.ipynb", as_version=4)
+        cells = [c for c in nb.cells if c.cell_type == "code"]
+        assert not [o for c in cells for o in c.outputs if o.output_type == "error"]
+        printed = "".join(o.get("text", "") for o in cells[0].outputs if o.output_type == "stream")
+        table = "".join(o["data"]["text/plain"] for o in cells[-1].outputs if o.output_type == "execute_result")
+        return printed, table
+
+    printed, table = executed([f"ARGS={os.path.relpath(older, ROOT)}"], {}, tmp_path / "given")
+    assert printed.startswith(f"{older}: a run folder (given: {older}")
+    assert "untrained" in table and "finetune" in table
+    printed, _ = executed([], {"ME5_LOG_DIR": os.path.relpath(logs, ROOT)}, tmp_path / "env")
+    assert printed.startswith(f"{newer}: the newest run of 2 under {logs} ($ME5_LOG_DIR={logs})")

@@ -3,6 +3,7 @@ mixture is logged (a W&B table and bar chart, or scalars)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -88,7 +89,8 @@ class RealisedMixtureLogger(Callback):
 # ---------------------------------------------------------------------------------------------- preemption
 class Preempted(SystemExit):
     """Raised on every rank after a preemption signal once the step's checkpoint is saved: the job exits with
-    ``128 + signal`` (143 for SIGTERM), not 0, so a scheduler and a user see that the run did not finish."""
+    ``128 + signal`` (143 for SIGTERM), not 0, so a scheduler and a user see that the run did not finish (under
+    submitit's local executor: its requeue code, 144, on which its controller restarts the job)."""
 
 
 class Preemption(Callback):
@@ -100,7 +102,9 @@ class Preemption(Callback):
     same step) and ``last.ckpt`` is written (atomically, see :mod:`me5.training.checkpointing`); when the next
     step would start (that step's metrics are logged by then) the metric history is flushed, rank 0 prints one
     line naming the checkpoint and, on SLURM (``SLURM_JOB_ID`` set, ``requeue``), asks ``scontrol requeue`` for
-    the job, which reruns the same command and resumes from it. Replaces Lightning's SIGTERM handling, which
+    the job, which reruns the same command and resumes from it; under submitit's local executor
+    (``hydra/launcher=submitit_local``) the job exits with submitit's requeue code instead, and submitit's
+    controller restarts it in the same folder, where it resumes. Replaces Lightning's SIGTERM handling, which
     saves nothing and exits 0. The history is also flushed after every checkpoint, so a SIGKILL loses at most
     the steps since the last checkpoint, which the rerun trains and logs again.
 
@@ -109,7 +113,7 @@ class Preemption(Callback):
             of the user's choice ``--signal=USR1@90`` ahead of it).
         every_minutes: also save ``last.ckpt`` when this many minutes have passed since the last save (0: off).
         keep_last: keep the newest N ``step*.ckpt`` files of the checkpoint callback (-1: all).
-        requeue: on SLURM, requeue the job after saving.
+        requeue: on SLURM or under submitit's local executor, requeue the job after saving.
     """
 
     def __init__(self, signals=("SIGTERM", "SIGUSR1"), every_minutes: float = 0.0, keep_last: int = -1,
@@ -177,13 +181,18 @@ class Preemption(Callback):
 
             # <run>/checkpoints/<stage>/last.ckpt: the run folder a rerun must name to resume
             run_dir = Path(path).resolve().parents[2]
+            code = 128 + signum
+            if self.requeue and os.environ.get("SUBMITIT_LOCAL_JOB_ID"):
+                # submitit's local executor: its controller restarts the job's tasks when one exits with this code
+                from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE as code
             note = self._requeue(run_dir) if (self.requeue and trainer.is_global_zero) else ""
             if trainer.is_global_zero:
+                _close_bar(trainer)  # the exit line on a line of its own, not glued to the bar's
                 print(f"me5: {_signal.Signals(signum).name} at step {trainer.global_step}: saved {path}; exiting "
-                      f"{128 + signum}{note}", flush=True)
+                      f"{code}{note}", flush=True)
             for lg in trainer.loggers:
                 lg.finalize("interrupted")
-            raise Preempted(128 + signum)
+            raise Preempted(code)
 
     def _checkpoint_dir(self, trainer):
         cb = trainer.checkpoint_callback
@@ -212,12 +221,16 @@ class Preemption(Callback):
 
     @staticmethod
     def _requeue(run_dir) -> str:
-        import os
+        """Requeue the job where a scheduler runs it; returns the note for the exit line."""
         import subprocess
 
+        if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):  # before SLURM: a local job may run inside an allocation
+            return f" (submitit's local controller restarts job {os.environ['SUBMITIT_LOCAL_JOB_ID']}: it resumes)"
         job = os.environ.get("SLURM_JOB_ID")
         if not job:
             return f" (rerun the same command with hydra.run.dir={run_dir} to resume)"
+        if os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):  # salloc/srun --pty: as Lightning's check
+            return f" (interactive SLURM job {job}: not requeued; rerun with hydra.run.dir={run_dir} to resume)"
         if os.environ.get("SLURM_ARRAY_JOB_ID"):
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
         try:
@@ -233,30 +246,68 @@ class NonFiniteGuard(Callback):
     after ``max_consecutive`` such steps in a row stops the run with a report naming the steps and the last
     batch's sources.
 
-    The check runs just before the optimiser step (after the gradient all-reduce and clipping); a skipped step
-    leaves the weights and the optimiser state untouched (every gradient is dropped, so AdamW updates nothing;
-    the LR schedule still advances). The ranks agree (one boolean all-reduce), so they skip the same steps.
+    The loss is watched where it is made: a forward hook on the module's loss (``pl_module.loss``, an
+    ``nn.Module`` returning the total or ``(total, parts)``) flags a non-finite total of the step, also one whose
+    gradients are finite. The check runs just before the optimiser step (after the gradient all-reduce and
+    clipping); a skipped step leaves the weights and the optimiser state untouched (every gradient is dropped,
+    so AdamW updates nothing; the LR schedule still advances). The ranks agree (one boolean all-reduce), so they
+    skip the same steps.
     """
 
     def __init__(self, max_consecutive: int = 3):
         self.max_consecutive = int(max_consecutive)
         self.skipped = 0
         self.run: list[int] = []
-        self._bad = False
+        self._loss_bad = False  # the step's loss, seen by the hook
+        self._bad: bool | None = None  # the step's verdict, None until the optimiser step is reached
+        self._hook = None
+
+    def state_dict(self) -> dict:  # the count carries over a resume (train/skipped_steps stays cumulative)
+        return {"skipped": self.skipped, "run": list(self.run)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped, self.run = int(state_dict["skipped"]), [int(s) for s in state_dict["run"]]
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        import torch
+
+        loss = getattr(pl_module, "loss", None)
+        if not isinstance(loss, torch.nn.Module):
+            from me5.errors import ConfigError
+
+            raise ConfigError("callbacks.nan_guard", f"{type(pl_module).__name__} has no loss module (`.loss`, an "
+                              "nn.Module) whose output the NaN guard can check before the optimiser step")
+        if self._hook is None:
+            self._hook = loss.register_forward_hook(self._watch_loss)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _watch_loss(self, module, args, output) -> None:
+        import torch
+
+        total = output[0] if isinstance(output, tuple) else output
+        if isinstance(total, torch.Tensor) and not bool(torch.isfinite(total.detach()).all()):
+            self._loss_bad = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._loss_bad, self._bad = False, None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         import torch
 
-        finite = True
+        finite = not self._loss_bad
         for group in optimizer.param_groups:
+            if not finite:
+                break
             for p in group["params"]:
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                     finite = False
                     break
-            if not finite:
-                break
         bad = trainer.strategy.reduce_boolean_decision(not finite, all=False)
-        self._bad = bad
+        self._bad = bool(self._bad) or bad
         if bad:
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -266,13 +317,15 @@ class NonFiniteGuard(Callback):
         import torch
 
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-        bad_loss = loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all())
-        if self._bad or bad_loss:
+        if self._bad is None and loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
+            # no optimiser step was checked (a module that steps without Lightning's optimizer wrapper)
+            raise RuntimeError("NonFiniteGuard: the step's loss is not finite and no optimiser step went through "
+                               "the guard's check; the step's update cannot be undone")
+        if self._bad:
             self.skipped += 1
             self.run.append(int(trainer.global_step) - 1)  # the step just taken, numbered as metrics.csv does
         else:
             self.run = []
-        self._bad = False
         pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, batch_size=1)
         if self.max_consecutive and len(self.run) >= self.max_consecutive:
             from collections import Counter
@@ -287,18 +340,31 @@ class NonFiniteGuard(Callback):
 
 
 # ---------------------------------------------------------------------------------------------- progress
+def _close_bar(trainer) -> None:
+    """Close the training bar of a tqdm progress-bar callback, if one is drawing (its line then ends)."""
+    bar = getattr(trainer.progress_bar_callback, "_train_progress_bar", None)
+    if bar is not None and hasattr(bar, "close"):
+        bar.close()
+
+
 def _step_progress_bar_class():
     from lightning.pytorch.callbacks import TQDMProgressBar
-    from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n
 
     class _StepProgressBar(TQDMProgressBar):
-        def on_train_epoch_start(self, trainer, pl_module, *_) -> None:
-            bar = self.train_progress_bar
+        def init_train_tqdm(self) -> Tqdm:
+            # made when training starts, after a resume has restored global_step: its first rendering already
+            # reads <stage>: <resumed step>/<max_steps>, and the rate and ETA count from the resumed step on
+            import sys
+
+            trainer = self.trainer
             total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-            bar.reset(total=total)
-            bar.initial = bar.n = int(trainer.global_step)  # a resumed run starts at its step; ETA from here on
-            bar.set_description(getattr(pl_module, "stage_name", None) or "train")
-            bar.refresh()
+            return Tqdm(desc=getattr(trainer.lightning_module, "stage_name", None) or "train", total=total,
+                        initial=int(trainer.global_step), position=2 * self.process_position, disable=self.is_disabled,
+                        leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
+        def on_train_epoch_start(self, trainer, pl_module, *_) -> None:
+            pass  # counted in steps of the stage, across epochs: nothing to reset (Lightning's restarts per epoch)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             bar = self.train_progress_bar
@@ -306,6 +372,8 @@ def _step_progress_bar_class():
             if bar is not None and self._should_update(n, bar.total):
                 _update_n(bar, n)
                 bar.set_postfix(self.get_metrics(trainer, pl_module))
+            if bar is not None and bar.total and n >= bar.total:
+                bar.close()  # its line ends with the last step, before what the stage's end logs (then a no-op)
 
         def get_metrics(self, trainer, pl_module):
             m = trainer.callback_metrics

@@ -83,17 +83,51 @@ def wandb_logger(
 
 
 def wandb_run_id(save_dir: str | Path, stage: str) -> str:
-    """The stage's W&B run id, made once and kept in ``<save_dir>/wandb_ids.json`` so a rerun resumes it."""
+    """The stage's W&B run id, made once and kept in ``<save_dir>/wandb_ids.json`` so a rerun resumes it.
+
+    Every rank builds its logger at the same moment (srun and torchrun start them together), so the id is made
+    under an exclusive lock (``fcntl.flock`` on ``wandb_ids.json.lock``, released by the kernel if the holder
+    dies): the first caller makes it, every other reads it back, and all get the same id. The file is replaced
+    atomically (written beside it, then renamed), so a reader never sees it half-written.
+    """
+    import fcntl
     import json
 
-    path = Path(save_dir) / "wandb_ids.json"
-    ids = json.loads(path.read_text()) if path.is_file() else {}
-    if stage not in ids:
-        import secrets
+    folder = Path(save_dir)
+    path = folder / "wandb_ids.json"
+    with open(folder / "wandb_ids.json.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as err:  # a filesystem without locks (rare on clusters): the ranks may disagree
+            log.warning("cannot lock %s (%s): ranks starting together may each make a W&B id for stage %s",
+                        lock.name, err, stage)
+        ids = _read_ids(path)
+        if stage not in ids:
+            import secrets
 
-        ids[stage] = secrets.token_hex(8)
-        path.write_text(json.dumps(ids, indent=1) + "\n")
-    return ids[stage]
+            ids[stage] = secrets.token_hex(8)
+            tmp = folder / f".wandb_ids.json.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            tmp.write_text(json.dumps(ids, indent=1) + "\n")
+            os.replace(tmp, path)
+        return ids[stage]
+
+
+def _read_ids(path: Path) -> dict[str, str]:
+    import json
+
+    from me5.errors import Me5Error
+
+    if not path.is_file():
+        return {}
+    try:
+        ids = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise Me5Error(f"{path} is not the JSON map of stage -> W&B run id this run wrote ({err}); "
+                         "fix or delete it (a new file starts new W&B runs)") from err
+    if not isinstance(ids, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ids.items()):
+        raise Me5Error(f"{path} is not a JSON map of stage -> W&B run id; fix or delete it "
+                         "(a new file starts new W&B runs)")
+    return ids
 
 
 def csv_logger(*, save_dir: str | Path, run_name: str, stage: str, hparams: Mapping | None = None, **_):
