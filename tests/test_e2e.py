@@ -153,16 +153,21 @@ PG_TIMEOUT_S, SLOW_EVAL_S = 30, 40
 
 def test_two_process_ddp_pipeline(tmp_path, data_dir):
     r = _cli([f"paths.data_dir={data_dir}", "hydra.run.dir=" + str(tmp_path / "r"), *SHORT, "trainer=ddp",
-              "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "eval_baseline=false",
+              "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "eval_baseline=true",
               "+trainer.strategy.timeout._target_=datetime.timedelta", f"+trainer.strategy.timeout.seconds={PG_TIMEOUT_S}",
               "+eval.slow._target_=tests.helpers.SlowEvaluator", f"+eval.slow.seconds={SLOW_EVAL_S}",
               f"+eval.slow.marker={tmp_path / 'slow'}"])
     assert r.returncode == 0, r.stderr[-3000:]
     payload = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert set(payload["results"]) == {"pretrain", "finetune"}
-    # both ranks evaluated, rank 0 reports; the slow pass ran after stage 1 only, and stage 2 still ran
-    assert payload["results"]["pretrain"]["slow/ranks"] == 2 and payload["results"]["pretrain"]["slow/rank0_slept"] == 1
-    assert (tmp_path / "slow.1").exists() and payload["results"]["finetune"]["slow/rank0_slept"] == 0
+    assert set(payload["results"]) == {"untrained", "pretrain", "finetune"}
+    # the baseline ran inside stage 1's fit, with the process group up (2 ranks, not each rank alone before fit);
+    # both ranks evaluated, rank 0 reports; the slow pass (longer than the group's timeout) was the baseline's,
+    # and both stages still ran and evaluated
+    res = payload["results"]
+    assert res["untrained"]["slow/ranks"] == 2 and res["untrained"]["slow/rank0_slept"] == 1
+    assert (tmp_path / "slow.1").exists()
+    assert res["pretrain"]["slow/ranks"] == 2 and res["pretrain"]["slow/rank0_slept"] == 0
+    assert res["finetune"]["slow/rank0_slept"] == 0
     df = pd.read_csv(tmp_path / "r" / "csv" / "pretrain" / "metrics.csv")
     assert df["data/pairs_seen"].dropna().iloc[-1] == 6 * 16  # global batch over both ranks
 
@@ -578,3 +583,38 @@ def test_a_crash_in_stage_two_keeps_the_earlier_results(tmp_path, data_dir, monk
     assert set(final["results"]) == {"untrained", "pretrain", "finetune"} == set(results)
     assert {k: final["results"][k] for k in first["results"]} == first["results"]
     assert final["data_counts"]["pretrain"] == first["data_counts"]["pretrain"]
+
+
+def test_the_baseline_is_written_when_stage_one_starts_and_not_evaluated_again(tmp_path, data_dir, monkeypatch):
+    """The untrained row is evaluated inside stage 1's fit (where a job's ranks can share it) and written at
+    once: a run that dies in stage 1 keeps it, and the rerun does not evaluate the untrained weights again."""
+    import lightning as L
+
+    import me5.app.pipeline as pipeline
+
+    torch.set_num_threads(2)
+    real_build, real_eval = pipeline.build_callbacks, pipeline.evaluate_all
+    calls = []
+
+    class NodeLost(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            raise RuntimeError("node lost")
+
+    def dies_in_pretrain(group, *, dirpath, **kwargs):
+        return real_build(group, dirpath=dirpath, **kwargs) + ([NodeLost()] if Path(dirpath).name == "pretrain" else [])
+
+    def counted(evaluators, encoder, tokenizer, **kw):
+        calls.append(encoder.training)
+        return real_eval(evaluators, encoder, tokenizer, **kw)
+
+    monkeypatch.setattr(pipeline, "evaluate_all", counted)
+    monkeypatch.setattr(pipeline, "build_callbacks", dies_in_pretrain)
+    cfg = cfg_for(tmp_path, data_dir, ["logger=csv"])
+    with pytest.raises(RuntimeError, match="node lost"):
+        run(cfg)
+    first = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(first["results"]) == {"untrained"} and len(calls) == 1
+    monkeypatch.setattr(pipeline, "build_callbacks", real_build)
+    results = run(cfg)
+    assert len(calls) == 3  # + pretrain, finetune: the untrained weights were not evaluated again
+    assert set(results) == {"untrained", "pretrain", "finetune"} and results["untrained"] == first["results"]["untrained"]

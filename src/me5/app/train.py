@@ -53,6 +53,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Run every configured stage; return ``{row: {metric: value}}`` (rows: untrained, pretrain, finetune)."""
     import lightning as L
 
+    from me5.app.callbacks import AtTrainStart
     from me5.app.console import tidy_console
     from me5.app.pipeline import (
         build,
@@ -76,7 +77,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     meta = {"git": git_info(), "run_dir": str(out_dir), "command": " ".join(sys.argv)}
     run_name = sweep_run_name(cfg.run_name)
     done = finished_stages(out_dir, plan.stages) if cfg.resume else []
-    earlier = _read_json(out_dir / "metrics.json") if done else {}
+    # the rows of an earlier attempt (finished stages, or the untrained row written when stage 1 started)
+    earlier = _read_json(out_dir / "metrics.json") if cfg.resume else {}
     if done and len(done) == len(plan.stages):
         print(f"me5: {out_dir} finished earlier (every stage has checkpoints/<stage>/{DONE}): nothing to do; "
               f"results in {out_dir / 'metrics.json'}", flush=True)
@@ -100,8 +102,21 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
             evaluators = {k: build(v, prompts=plan.prompts) for k, v in cfg.eval.items()}
         encoder = build_encoder(cfg.model.encoder, tokenizer, init_from=scfg.init_from, previous=encoder)
         meta["parameters"] = parameter_counts(encoder)
+        at_start = []
         if cfg.eval_baseline and not results and evaluators and cfg.eval_after == "shared":
-            results["untrained"] = evaluate_all(evaluators, encoder, tokenizer)
+            # inside fit, when training is about to start: a distributed job's ranks then share the evaluation
+            # (the process group exists; before fit every rank would evaluate everything alone, and a child that
+            # Lightning's launcher starts would reach its first collective only after its own whole pass)
+            def baseline(trainer, pl_module, stage=name, evaluators=evaluators, tokenizer=tokenizer):
+                if trainer.global_step > 0:
+                    log.warning("no untrained row: stage %s resumed at step %d, the weights are trained already",
+                                stage, trainer.global_step)
+                    return
+                results["untrained"] = evaluate_all(evaluators, pl_module.encoder, tokenizer)
+                if trainer.is_global_zero:  # kept if this stage is interrupted: a rerun does not evaluate again
+                    write_results(out_dir, results, meta=meta, timings=timings, data_counts=data_counts, show=False)
+
+            at_start.append(AtTrainStart(baseline))
         loss = build_loss(cfg.loss.terms, name)
         datamodule.connect(
             tokenizer, batch_plan=batch_plan, n_negatives=scfg.n_negatives, require_teacher=loss.requires_teacher,
@@ -117,7 +132,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
                      **{f"parameters.{k}": v for k, v in meta["parameters"].items()}},
         )
         ckpt_dir = out_dir / "checkpoints" / name
-        callbacks = build_callbacks(cfg.callbacks, dirpath=str(ckpt_dir), run_config=config, meta=meta)
+        callbacks = build_callbacks(cfg.callbacks, dirpath=str(ckpt_dir), run_config=config, meta=meta) + at_start
         if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
             from lightning.pytorch.callbacks import ProgressBar
 
