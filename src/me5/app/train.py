@@ -163,7 +163,6 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
             export_dir = out_dir / "export" / name
             encoder.save_pretrained(export_dir, tokenizer, prompts=plan.prompts,
                                     extra_metadata={"stage": name, "git": meta["git"]})
-            log.info("exported the %s encoder to %s", name, export_dir)
             if evaluators and cfg.eval_after == "job":
                 log.info("evaluate the %s export with its own job: %s", name, write_eval_job(out_dir, name))
         finish_loggers(trainer.loggers)
