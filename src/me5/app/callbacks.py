@@ -310,13 +310,9 @@ class NonFiniteGuard(Callback):
         import torch
 
         finite = not self._loss_bad
-        for group in optimizer.param_groups:
-            if not finite:
-                break
-            for p in group["params"]:
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    finite = False
-                    break
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if finite and grads:  # one host-device sync for all parameters, not one per parameter
+            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         bad = trainer.strategy.reduce_boolean_decision(not finite, all=False)
         self._bad = bool(self._bad) or bad
         if bad:
