@@ -229,3 +229,21 @@ def test_real_minilm_matches_sentence_transformers_and_round_trips(tmp_path):
     torch.testing.assert_close(got, enc.encode(TEXTS, tok, prefix="query: "), atol=1e-5, rtol=0)
     reloaded = Encoder.from_pretrained(str(out), tokenizer=tok)
     torch.testing.assert_close(reloaded.encode(TEXTS, tok, prefix="query: "), got, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("pooling", "normalize"), [("cls", False), ("last", True)])
+def test_the_consistency_filter_reads_an_export_as_evaluate_does(tiny_tokenizer, tmp_path, pooling, normalize):
+    """``model_embedder`` (the consistency filter's scorer) takes pooling and normalisation from the export's
+    me5.json, like ``me5.evaluate``: its vectors equal the exported encoder's, not a mean-pooled reload's."""
+    from me5.embed.consistency import model_embedder
+
+    enc = build_tiny_encoder(tiny_tokenizer, pooling=pooling, normalize=normalize).eval()
+    out = enc.save_pretrained(tmp_path / "m", tiny_tokenizer)
+    policy = PromptPolicy("e5")
+    embed = model_embedder(str(out), prompts=policy, device="cpu", max_length=64)
+    for kind, prefix in (("query", policy.query()), ("passage", policy.document())):
+        want = enc.encode(TEXTS, tiny_tokenizer, prefix=prefix, max_length=64)
+        torch.testing.assert_close(torch.from_numpy(embed(TEXTS, kind)), want, atol=1e-6, rtol=0)
+    default = Encoder.from_pretrained(str(out), tokenizer=tiny_tokenizer).eval()  # what it used to build
+    assert not torch.allclose(default.encode(TEXTS, tiny_tokenizer, prefix=policy.query(), max_length=64),
+                              torch.from_numpy(embed(TEXTS, "query")), atol=1e-3)

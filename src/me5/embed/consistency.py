@@ -20,20 +20,16 @@ def model_embedder(path: str, *, prompts: PromptPolicy, instruction: str | None 
                    device: str | None = None, max_length: int = 128, batch_size: int = 256) -> Embedder:
     """An :data:`Embedder` from an exported me5 folder or any ``Encoder.from_pretrained`` path.
 
-    Queries get ``prompts.query(instruction)``, passages ``prompts.document(instruction, symmetric=symmetric)``
-    (the source's task: its instruction, and whether both sides are the same kind of text).
+    The model is read as ``me5.evaluate`` reads it (:func:`me5.models.saved.read_model_settings`: pooling,
+    normalisation and ``include_prompt`` from its ``me5.json`` or sentence-transformers files). Queries get
+    ``prompts.query(instruction)``, passages ``prompts.document(instruction, symmetric=symmetric)`` (the source's
+    task: its instruction, and whether both sides are the same kind of text).
     """
-    import torch
-    from transformers import AutoTokenizer
-
-    from me5.models.encoder import Encoder
+    from me5.models.saved import load_model, read_model_settings
 
     query_prompt = prompts.query(instruction)
     passage_prompt = prompts.document(instruction, symmetric=symmetric)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder = Encoder.from_pretrained(path, tokenizer=tokenizer)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder.to(device)
+    encoder, tokenizer, device = load_model(path, read_model_settings(path), device)
 
     def embed(texts: Sequence[str], kind: str) -> np.ndarray:
         prefix = query_prompt if kind == "query" else passage_prompt
