@@ -461,3 +461,37 @@ def test_bench_mine_smoke(capsys):
     assert float(mining["me5 exact"][-1]) == 1.0 and float(mining["st"][-1]) >= 0.8  # agree with me5 exact
     assert all(float(r[1].replace(",", "")) > 0 for k, r in mining.items() if k != "mining")  # warm seconds
     assert float(scoring["me5"][-1]) < 1e-4  # the two implementations' teacher scores agree
+
+
+def test_each_query_is_embedded_with_its_own_records_instruction(env, tmp_path, monkeypatch):
+    """Under the instruct policy a record's own ``instruction`` (synthetic data) is its query prompt, the plan's
+    task prompt the rest's; the mined negatives equal mining each instruction's records on their own."""
+    import me5.embed.mine as mine_mod
+
+    instruct = PromptPolicy("instruct")
+    own = "Given a word list, retrieve the list that continues it"
+    recs = [PairExample(e.query, e.positive, e.negatives, lang=e.lang, instruction=own if k % 3 == 0 else None)
+            for k, e in enumerate(examples(env["records"]))]
+    opts = MineOptions(n_negatives=3, range_max=30, shard_rows=10, embed_shard_rows=64)
+    seen: dict[str, str] = {}
+    real = mine_mod.encode_texts
+
+    def spy(encoder, tokenizer, texts, *, prefix="", **kw):
+        seen.update({t: prefix for t in texts})
+        return real(encoder, tokenizer, texts, prefix=prefix, **kw)
+
+    monkeypatch.setattr(mine_mod, "encode_texts", spy)
+    plan = plan_mining(recs, opts, name="fx", instruction="Given a query, retrieve passages that answer it")
+    mine(plan, env["encoder"], env["tokenizer"], tmp_path / "out", options=opts, prompts=instruct)
+    for r in recs:
+        assert seen[r.query] == instruct.query(r.instruction or plan.instruction), r.query
+    assert len({instruct.query(own), instruct.query(plan.instruction)}) == 2
+    # the same negatives as a run whose queries all carry that record's prompt, record by record
+    got = read_out(tmp_path / "out")
+    for task in (own, plan.instruction):
+        one = plan_mining(recs, opts, name="fx", instruction=task)
+        mine(one, env["encoder"], env["tokenizer"], tmp_path / task[:8], options=opts,
+             prompts=PromptPolicy("instruct"), overwrite=True)
+    by_task = {t: read_out(tmp_path / t[:8]) for t in (own, plan.instruction)}
+    for r in recs:
+        assert got[r.query].negatives == by_task[r.instruction or plan.instruction][r.query].negatives

@@ -722,8 +722,8 @@ def mine(
         with bar:
             for group in groups:
                 q_emb = torch.cat([
-                    encode_texts(encoder, tokenizer, [plan.records[i].query for i in output.ranges[k]],
-                                 prefix=q_prefix, max_length=options.query_max_length, **batching)
+                    _query_embeddings(encoder, tokenizer, plan, output.ranges[k], prompts,
+                                      max_length=options.query_max_length, batching=batching)
                     for k in group])  # fmt: skip
                 scores, idx = search(q_emb, shards, plan.search_k, method=method, device=where, index=options.index,
                                      params=options.index_params)
@@ -748,6 +748,24 @@ def mine(
                  format_counts(stats["counts"]))
     pending = len(output.pending()) if stats is None else 0
     return JobResult(out, rank, world, written, skipped, pending, stats is not None, stats)
+
+
+def _query_embeddings(encoder, tokenizer, plan: MinePlan, rows: range, prompts: PromptPolicy, *, max_length: int,
+                      batching: dict) -> torch.Tensor:
+    """The queries of ``rows``, each embedded with its own task's query prompt: a record's ``instruction``
+    (synthetic instruction data carries one per record) wins over the plan's, as in training
+    (``ItemFormatter``)."""
+    groups: dict[str, list[int]] = {}
+    for j, i in enumerate(rows):
+        groups.setdefault(prompts.query(plan.records[i].instruction or plan.instruction), []).append(j)
+    parts = {prefix: encode_texts(encoder, tokenizer, [plan.records[rows[j]].query for j in js], prefix=prefix,
+                                  max_length=max_length, **batching) for prefix, js in groups.items()}
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    out = torch.empty(len(rows), next(iter(parts.values())).size(1))
+    for prefix, js in groups.items():
+        out[torch.tensor(js)] = parts[prefix]
+    return out
 
 
 def _mine_shard(plan: MinePlan, rows: range, q_QD: np.ndarray, cand_QK: np.ndarray, cand_scores_QK: np.ndarray,
