@@ -22,3 +22,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The sample data and tokenizer, generated once per test module (seeded, so identical everywhere; made before
+    a run starts, so the jobs of a sweep do not race to make them)."""
+    from me5.data.synthetic import generate_sample_data
+    from me5.models.tokenizer import ensure_sample_tokenizer
+
+    root = tmp_path_factory.mktemp("data")
+    generate_sample_data(root / "sample", seed=0)
+    ensure_sample_tokenizer(root / "sample")
+    return root

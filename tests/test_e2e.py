@@ -44,18 +44,6 @@ SHORT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The sample data and tokenizer, generated once for this module (seeded, so identical everywhere)."""
-    from me5.data.synthetic import generate_sample_data
-    from me5.models.tokenizer import ensure_sample_tokenizer
-
-    root = tmp_path_factory.mktemp("data")
-    generate_sample_data(root / "sample", seed=0)
-    ensure_sample_tokenizer(root / "sample")
-    return root
-
-
 def cfg_for(tmp_path, data_dir, extra=()):
     return compose_cfg([f"paths.data_dir={data_dir}", *SHORT, *extra], tmp_path=tmp_path)
 

@@ -152,20 +152,8 @@ def test_submitit_local_sweep_runs_a_tiny_job(tmp_path):
     assert (job / "report.png").stat().st_size > 10_000
 
 
-@pytest.fixture(scope="module")
-def sample_dir(tmp_path_factory):
-    """The sample data and tokenizer, made once for this module (the jobs of a sweep must not race to make them)."""
-    from me5.data.synthetic import generate_sample_data
-    from me5.models.tokenizer import ensure_sample_tokenizer
-
-    root = tmp_path_factory.mktemp("data")
-    generate_sample_data(root / "sample", seed=0)
-    ensure_sample_tokenizer(root / "sample")
-    return root
-
-
 @pytest.mark.slow
-def test_submitit_local_requeues_a_preempted_job_which_resumes_to_the_same_weights(tmp_path, sample_dir):
+def test_submitit_local_requeues_a_preempted_job_which_resumes_to_the_same_weights(tmp_path, data_dir):
     """``hydra/launcher=submitit_local``, two jobs of one sweep: job 0 gets SIGTERM when step 2 starts, job 1 is never
     signalled (step 99 > max_steps). Job 0 saves the step-3 checkpoint and exits with submitit's requeue code; the
     controller restarts it in the same folder; it resumes and ends with job 1's weights, bit for bit, and one
@@ -176,7 +164,7 @@ def test_submitit_local_requeues_a_preempted_job_which_resumes_to_the_same_weigh
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "me5.train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-           f"hydra.sweep.dir={sweep}", f"paths.data_dir={sample_dir}", f"paths.log_dir={tmp_path / 'logs'}",
+           f"hydra.sweep.dir={sweep}", f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path / 'logs'}",
            "logger=csv", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "stage=[pretrain]",
            "eval=none", "eval_baseline=false", "model.pretrain.max_steps=6", "model.pretrain.global_batch_size=16",
            "model.pretrain.warmup_steps=6", "checkpoint_every=2",

@@ -269,7 +269,7 @@ class NonFiniteGuard(Callback):
         self.max_consecutive = int(max_consecutive)
         self.skipped = 0
         self.run: list[int] = []
-        self._loss_bad = False  # the step's loss, seen by the hook
+        self._loss_ok = None  # the step's loss is finite: a 0-dim bool tensor set by the hook (read with the grads)
         self._bad: bool | None = None  # the step's verdict, None until the optimiser step is reached
         self._hook = None
 
@@ -300,19 +300,22 @@ class NonFiniteGuard(Callback):
         import torch
 
         total = output[0] if isinstance(output, tuple) else output
-        if isinstance(total, torch.Tensor) and not bool(torch.isfinite(total.detach()).all()):
-            self._loss_bad = True
+        if isinstance(total, torch.Tensor):  # kept on the device: no sync in the loss's forward
+            ok = torch.isfinite(total.detach()).all()
+            self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._loss_bad, self._bad = False, None
+        self._loss_ok, self._bad = None, None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         import torch
 
-        finite = not self._loss_bad
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if finite and grads:  # one host-device sync for all parameters, not one per parameter
-            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        checks = [torch.isfinite(p.grad).all() for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        if self._loss_ok is not None:
+            checks.append(self._loss_ok.to(checks[0].device) if checks else self._loss_ok)
+        # one host-device sync for the loss and every gradient, not one each
+        finite = bool(torch.stack(checks).all()) if checks else True
         bad = trainer.strategy.reduce_boolean_decision(not finite, all=False)
         self._bad = bool(self._bad) or bad
         if bad:
