@@ -23,8 +23,8 @@ class BatchPlan:
         global_batch_size: pairs per optimiser step over all devices.
         world_size: devices (ranks) sharing it.
         per_device_batch_size: ``global_batch_size / world_size``, this rank's slice.
-        chunk_rows / chunk_tokens: gradient caching: texts, or padded tokens, per re-forward chunk (at most one
-            is set; neither: one plain forward/backward over the per-device batch).
+        chunk_rows / chunk_tokens: gradient caching: texts, or tokens (padded; real ones for a packed encoder), per
+            re-forward chunk (at most one is set; neither: one plain forward/backward over the per-device batch).
         where: the config prefix the fields live under (``stages.pretrain``), for messages.
     """
 

@@ -13,6 +13,10 @@ prefix (from :class:`~me5.prompts.PromptPolicy`; this module writes no prompt of
 length (longest first) and cut into batches whose padded size ``rows * padded_length`` stays within
 ``max_tokens``, at most ``max_batch`` rows each (:func:`plan_batches`); embeddings go back to input order.
 
+Packed rows. An encoder built with ``packed=True`` gets each batch as one flat stream of whole rows (at most
+``max_tokens`` real tokens, in input order: :func:`plan_packed_batches`), so no padding is computed; the
+embeddings equal the padded path's (tested).
+
 Precision. On CUDA the forward runs under ``torch.autocast`` in ``fp16`` (the default: unilm encodes with fp16
 autocast) or ``bf16``; on any other device it runs in fp32. An :class:`~me5.models.encoder.Encoder` whose own
 ``autocast`` field is not ``fp32`` keeps its own (inner) autocast dtype.
@@ -81,6 +85,17 @@ def plan_batches(lengths: Sequence[int], *, max_tokens: int, max_batch: int, pad
     if cur:
         batches.append(cur)
     return batches
+
+
+def plan_packed_batches(lengths: Sequence[int], *, max_tokens: int, max_batch: int) -> list[list[int]]:
+    """Indices of ``lengths`` in input order, cut into packed batches of at most ``max_tokens`` REAL tokens and
+    ``max_batch`` rows (a text longer than the budget is a batch of its own): no sorting is needed when no
+    padding is computed (:mod:`me5.models.packing`)."""
+    if max_tokens < 1 or max_batch < 1:
+        raise ConfigError("embed.max_tokens", f"need max_tokens >= 1 and max_batch >= 1, got {max_tokens}, {max_batch}")
+    from me5.models.packing import split_by_real_tokens
+
+    return [list(range(sl.start, sl.stop)) for sl in split_by_real_tokens(lengths, max_tokens, max_rows=max_batch)]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -180,6 +195,9 @@ def _embed_token_rows(encoder: nn.Module, rows: list[list[int]], *, pad_id: int,
     without blocking, its embeddings stay on the device (in batch order), and one copy at the end brings them
     back, so building batch k+1 overlaps the forward of batch k.
     """
+    if getattr(encoder, "packed", False):
+        return _embed_packed_rows(encoder, rows, max_tokens=max_tokens, max_batch=max_batch, device=device,
+                                  precision=precision, progress=progress, prompt_length=prompt_length)
     extra = () if prompt_length is None else (prompt_length,)
     cuda = device.type == "cuda"
     order: list[int] = []
@@ -208,6 +226,28 @@ def _embed_token_rows(encoder: nn.Module, rows: list[list[int]], *, pad_id: int,
     out = torch.empty_like(stacked)
     out[torch.tensor(order)] = stacked
     return out
+
+
+def _embed_packed_rows(encoder: nn.Module, rows: list[list[int]], *, max_tokens: int, max_batch: int,
+                       device: torch.device, precision: str, progress=None, prompt_length: int | None = None) -> Tensor:
+    """:func:`_embed_token_rows` for a ``packed`` encoder: each batch is one flat stream of whole rows built on the
+    host (:func:`~me5.models.packing.pack_token_lists`; no padded matrix, no sorting), ``max_tokens`` REAL tokens
+    at most; embeddings stay on the device until one copy at the end."""
+    from me5.models.packing import pack_token_lists
+
+    cuda = device.type == "cuda"
+    parts: list[Tensor] = []
+    for batch in plan_packed_batches([len(r) for r in rows], max_tokens=max_tokens, max_batch=max_batch):
+        packed = pack_token_lists([rows[i] for i in batch], offset=encoder.first_position, device=device,
+                                  prompt_length=prompt_length)
+        with _autocast(device, precision):
+            emb = encoder(packed)
+        parts.append(emb.float() if cuda else emb.float().cpu())
+        if progress is not None:
+            progress.update(len(batch))
+    if not parts:
+        return torch.zeros(0, 0)
+    return torch.cat(parts).cpu()
 
 
 def _pad_info(tokenizer) -> tuple[int, bool]:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from me5.errors import ConfigError
-from me5.models.pooling import POOLERS, without_prompt
+from me5.models.packing import PackedBatch, pack_padded, position_offset
+from me5.models.pooling import POOLERS, mean_pool, without_prompt
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_att
 # ``add_pooling_layer=False``; me5 never uses it (it pools ``last_hidden_state``), see Encoder.pooler_state
 POOLER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
 _POOLER_KEY = re.compile(r"(^|\.)pooler\.dense\.(weight|bias)$")
+PACKED_ATTENTION_DROPOUT = ("keep", "off")
 
 
 def flash_attention_available() -> bool:
@@ -41,8 +43,12 @@ def flash_attention_available() -> bool:
     return bool(is_flash_attn_2_available())
 
 
-def resolve_attn_implementation(name: str) -> str:
+def resolve_attn_implementation(name: str, *, packed: bool = False) -> str:
     """The ``attn_implementation`` to hand to transformers.
+
+    ``packed``: the encoder runs packed rows with its own varlen attention (:mod:`me5.models.attention`, which
+    uses flash-attn's kernel where installed); the backbone is loaded with ``sdpa`` (its attention for padded
+    inputs), and only ``sdpa`` or ``auto`` may be asked for.
 
     ``auto``: ``flash_attention_2`` when :func:`flash_attention_available` (its varlen kernel skips the
     padding: HF unpads the batch by the attention mask), else ``sdpa`` (PyTorch's fused attention; the
@@ -52,6 +58,12 @@ def resolve_attn_implementation(name: str) -> str:
         raise ConfigError(
             "model.encoder.attn_implementation", f"unknown '{name}'; choose one of {list(ATTN_IMPLEMENTATIONS)}"
         )
+    if packed:
+        if name not in ("auto", "sdpa"):
+            raise ConfigError("model.encoder.attn_implementation",
+                              f"packed=true runs its own varlen attention (flash-attn's kernel where installed); "
+                              f"attn_implementation applies to padded inputs only and must be sdpa or auto, not '{name}'")
+        return "sdpa"
     if name == "auto":
         return "flash_attention_2" if flash_attention_available() else "sdpa"
     if name == "flash_attention_2" and not flash_attention_available():
@@ -76,10 +88,19 @@ class Encoder(nn.Module):
         include_prompt: mean-pool over the prompt's tokens too (mE5 does: unilm pools every non-pad token).
             ``False`` leaves them out (GritLM; sentence-transformers' ``Pooling(include_prompt=False)``): the
             forward then takes each row's ``prompt_length`` (:func:`~me5.prompts.prompt_token_count`).
+        packed: run padding-free (:mod:`me5.models.packing`): every forward packs its rows into one flat stream
+            (whole rows, per-row position ids, ``cu_seqlens``) and attention stays inside each row
+            (:mod:`me5.models.attention`; varlen FlashAttention on CUDA, an exact padded SDPA elsewhere). Padded
+            ``(input_ids, attention_mask)`` inputs are packed on the way in; a :class:`PackedBatch` is taken as is.
+            Same embeddings as the padded forward (tested); the weights and the export are unchanged.
+        packed_attention_dropout: ``keep`` (the default) applies the backbone's attention-probability dropout in
+            packed calls too (flash-attn's or PyTorch's own FlashAttention varlen kernel with ``dropout_p`` on
+            CUDA); ``off`` drops it there (``torch.nn.attention.varlen.varlen_attn`` has none), leaving hidden
+            dropout as it is -- a change of the recipe, logged when the config's rate is not 0.
     """
 
     def __init__(self, backbone: nn.Module, *, pooling: str = "mean", normalize: bool = True, autocast: str = "fp32",
-                 include_prompt: bool = True):
+                 include_prompt: bool = True, packed: bool = False, packed_attention_dropout: str = "keep"):
         super().__init__()
         if pooling not in POOLERS:
             raise ConfigError("model.encoder.pooling", f"unknown pooling '{pooling}'; choose one of {sorted(POOLERS)}")
@@ -93,6 +114,14 @@ class Encoder(nn.Module):
         self.normalize = normalize
         self.autocast = autocast
         self.include_prompt = bool(include_prompt)
+        if packed_attention_dropout not in PACKED_ATTENTION_DROPOUT:
+            raise ConfigError("model.encoder.packed_attention_dropout",
+                              f"unknown '{packed_attention_dropout}'; choose one of {list(PACKED_ATTENTION_DROPOUT)}")
+        self.packed = bool(packed)
+        self.packed_attention_dropout = packed_attention_dropout
+        self.first_position = 0  # the position id of a row's first token in packed streams (packing.position_offset)
+        if self.packed:
+            self._use_packed_attention()
         # The checkpoint's pooler head (``pooler.dense.weight``/``.bias`` on the CPU) when from_pretrained found one,
         # else None. A plain attribute, not a module or parameter: DDP, optimisers and Lightning checkpoints never
         # see it; only the export writes it back (me5.export), so that ``AutoModel`` finds every weight.
@@ -110,6 +139,8 @@ class Encoder(nn.Module):
         autocast: str = "fp32",
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
+        packed: bool = False,
+        packed_attention_dropout: str = "keep",
         tokenizer=None,
     ) -> Encoder:
         """Load a backbone by hub id (``FacebookAI/xlm-roberta-base``) or local folder, without a pooler head.
@@ -133,7 +164,7 @@ class Encoder(nn.Module):
                 f"cannot load '{name_or_path}': not a local folder with config.json, and the hub is unreachable "
                 f"or has no such model ({err.__class__.__name__}: {str(err).splitlines()[0]})",
             ) from err
-        kwargs = {"attn_implementation": resolve_attn_implementation(attn_implementation)}
+        kwargs = {"attn_implementation": resolve_attn_implementation(attn_implementation, packed=packed)}
         has_pooler = config.model_type in POOLER_MODEL_TYPES and _checkpoint_has_pooler(name_or_path)
         if config.model_type in POOLER_MODEL_TYPES:
             kwargs["add_pooling_layer"] = has_pooler
@@ -146,7 +177,8 @@ class Encoder(nn.Module):
                 }
             backbone.pooler = None  # the forward skips a None pooler; no unused parameters for DDP
         _check_vocab(backbone, tokenizer)
-        enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast, include_prompt=include_prompt)
+        enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast, include_prompt=include_prompt,
+                  packed=packed, packed_attention_dropout=packed_attention_dropout)
         enc.pooler_state = pooler_state
         if gradient_checkpointing:
             enc.enable_activation_checkpointing()
@@ -164,6 +196,8 @@ class Encoder(nn.Module):
         autocast: str = "fp32",
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
+        packed: bool = False,
+        packed_attention_dropout: str = "keep",
         **config_kwargs,
     ) -> Encoder:
         """Build a randomly initialised backbone from a config (the ``tiny`` model), sized to ``tokenizer``."""
@@ -178,6 +212,7 @@ class Encoder(nn.Module):
         return cls.from_config(
             config, pooling=pooling, normalize=normalize, autocast=autocast, include_prompt=include_prompt,
             attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing,
+            packed=packed, packed_attention_dropout=packed_attention_dropout,
         )
 
     @classmethod
@@ -191,6 +226,8 @@ class Encoder(nn.Module):
         autocast: str = "fp32",
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
+        packed: bool = False,
+        packed_attention_dropout: str = "keep",
     ) -> Encoder:
         """A randomly initialised backbone of any shape, no download and no tokenizer.
 
@@ -204,9 +241,10 @@ class Encoder(nn.Module):
             config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         kwargs = {"add_pooling_layer": False} if config.model_type in {"xlm-roberta", "bert", "roberta"} else {}
         backbone = AutoModel.from_config(
-            config, attn_implementation=resolve_attn_implementation(attn_implementation), **kwargs
+            config, attn_implementation=resolve_attn_implementation(attn_implementation, packed=packed), **kwargs
         )
-        enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast, include_prompt=include_prompt)
+        enc = cls(backbone, pooling=pooling, normalize=normalize, autocast=autocast, include_prompt=include_prompt,
+                  packed=packed, packed_attention_dropout=packed_attention_dropout)
         if gradient_checkpointing:
             enc.enable_activation_checkpointing()
         return enc
@@ -218,17 +256,53 @@ class Encoder(nn.Module):
             raise ConfigError("model.encoder.gradient_checkpointing", f"{type(self.backbone).__name__} does not support it")
         fn(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def _use_packed_attention(self) -> None:
+        """Switch the backbone to the attention that reads ``cu_seqlens`` (me5.models.attention)."""
+        from me5.models import attention
+
+        config = self.backbone.config
+        self.first_position = position_offset(config)
+        current = getattr(config, "_attn_implementation", None)
+        if current not in (None, "sdpa", *attention.PACKED_IMPLEMENTATIONS):
+            raise ConfigError("model.encoder.attn_implementation",
+                              f"packed=true runs its own varlen attention (flash-attn's kernel where installed); "
+                              f"attn_implementation applies to padded inputs only and must be sdpa or auto, not '{current}'")
+        attention.register()
+        name = attention.VARLEN if self.packed_attention_dropout == "keep" else attention.VARLEN_NODROP
+        self.backbone.set_attn_implementation(name)
+        if config._attn_implementation != name:  # pragma: no cover - a transformers that refused it
+            raise ConfigError("model.encoder.packed", f"{type(self.backbone).__name__} does not take the attention "
+                              f"implementation '{name}' (it must use transformers' AttentionInterface)")
+        rate = float(getattr(config, "attention_probs_dropout_prob", 0.0) or 0.0)
+        if self.packed_attention_dropout == "off" and rate > 0:
+            log.warning("packed rows: attention-probability dropout OFF (the backbone config says %g; "
+                        "model.encoder.packed_attention_dropout=off); hidden dropout unchanged", rate)
+        else:
+            log.info("packed rows: attention-probability dropout %g (packed_attention_dropout=%s)", rate,
+                     self.packed_attention_dropout)
+
     # ------------------------------------------------------------------ forward
     @property
     def dim(self) -> int:
         return int(self.backbone.config.hidden_size)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_length: Tensor | int | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor | PackedBatch, attention_mask: Tensor | None = None,
+                prompt_length: Tensor | int | None = None) -> Tensor:
         """(B, T) token ids and mask -> (B, D) embeddings (unit norm when ``normalize``).
 
         ``prompt_length``: the number of leading real tokens of each row (an int, or (B,)) that belong to the
         prompt, ``<s>`` included; pooling leaves them out when ``include_prompt`` is False (else it is ignored).
+        A :class:`~me5.models.packing.PackedBatch` (N rows; its own ``prompt_length``) -> (N, D), on a ``packed``
+        encoder only; a packed encoder packs padded inputs itself.
         """
+        if isinstance(input_ids, PackedBatch) or self.packed:
+            if not self.packed:
+                raise ConfigError("model.encoder.packed", "a PackedBatch needs an encoder built with packed=true: the "
+                                  "backbone's attention would otherwise attend across the rows of the flat stream")
+            if not isinstance(input_ids, PackedBatch):
+                input_ids = pack_padded(input_ids, attention_mask, offset=self.first_position,
+                                        prompt_length=prompt_length)
+            return self._forward_packed(input_ids)
         dtype = _AUTOCAST_DTYPES[self.autocast]
         ctx = (
             torch.autocast(device_type=input_ids.device.type, dtype=dtype)
@@ -243,6 +317,35 @@ class Encoder(nn.Module):
             pooled_BD = POOLERS[self.pooling](hidden_BTD, pool_mask)
         pooled_BD = pooled_BD.float()
         return F.normalize(pooled_BD, dim=-1) if self.normalize else pooled_BD
+
+    def _forward_packed(self, batch: PackedBatch) -> Tensor:
+        """One flat stream through the backbone (attention inside each row), pooled per row -> (N, D)."""
+        from me5.models.attention import PACKED_IMPLEMENTATIONS
+
+        impl = self.backbone.config._attn_implementation
+        if impl not in PACKED_IMPLEMENTATIONS:  # e.g. switched back to sdpa after construction
+            raise ConfigError("model.encoder.attn_implementation",
+                              f"the backbone's attention is '{impl}', which ignores cu_seqlens: a packed stream would "
+                              f"attend across its rows; packed inputs need one of {list(PACKED_IMPLEMENTATIONS)}")
+        dtype = _AUTOCAST_DTYPES[self.autocast]
+        ctx = (torch.autocast(device_type=batch.device.type, dtype=dtype) if dtype is not None
+               else contextlib.nullcontext())
+        rows = {"cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
+                "max_length_q": batch.max_length, "max_length_k": batch.max_length}
+        with ctx:
+            hidden_TD = self.backbone(input_ids=batch.input_ids.unsqueeze(0), position_ids=batch.position_ids.unsqueeze(0),
+                                      **rows).last_hidden_state[0]
+            if self.pooling == "cls":
+                pooled_ND = hidden_TD.index_select(0, batch.cu_seqlens[:-1].long())
+            elif self.pooling == "last":
+                pooled_ND = hidden_TD.index_select(0, batch.cu_seqlens[1:].long() - 1)
+            else:  # mean over each row's tokens (its prompt left out when include_prompt is False)
+                mask_NL = batch.padded_mask()
+                if batch.prompt_length is not None and not self.include_prompt:
+                    mask_NL = without_prompt(mask_NL, batch.prompt_length)
+                pooled_ND = mean_pool(batch.repad(hidden_TD), mask_NL)
+        pooled_ND = pooled_ND.float()
+        return F.normalize(pooled_ND, dim=-1) if self.normalize else pooled_ND
 
     def encode(
         self,
