@@ -366,7 +366,7 @@ def _configured_backward(tmp_path) -> list[BitextEvaluator]:
 
     from hydra.utils import instantiate
 
-    from me5.app.evaluate import SUITES, _suite_evaluators
+    from me5.app.evaluate import SUITES, SuiteState, _suite_plan
     from tests.helpers import compose_cfg
 
     cfg = compose_cfg(["eval=bitext", f"eval.tatoeba_backward.data={TATOEBA}",
@@ -377,7 +377,8 @@ def _configured_backward(tmp_path) -> list[BitextEvaluator]:
     (root / "tatoeba").symlink_to(TATOEBA, target_is_directory=True)
     assert "tatoeba_backward" in SUITES["paper"]
     args = argparse.Namespace(suite="paper", benchmarks=["tatoeba_backward"], data_root=str(root), batch_size=64)
-    suite = _suite_evaluators(args, PromptPolicy("e5"), work_dir=None)
+    suite, inputs, _ = _suite_plan(args, PromptPolicy("e5"), work_dir=None, state=SuiteState(tmp_path / "out", {}))
+    assert inputs == {"tatoeba_backward": list(TATOEBA_PAIRS)}
     return [from_config, suite["tatoeba_backward"]]
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from me5.app.evaluate import main, read_model_settings
+from me5.eval.paper import released_scores
 from me5.prompts import PromptPolicy
 from tests.test_export import build_tiny_encoder, build_tokenizer
 from tests.test_retrieval import write_beir
@@ -75,9 +76,19 @@ def test_paper_suite_writes_our_scores_beside_the_paper(exported, tmp_path, caps
     rows = {r["key"]: r for r in record["paper"]["rows"]}
     assert rows["miracl/ndcg@10"]["paper"] == 62.3 and rows["miracl/ndcg@10"]["ours"] is not None
     assert rows["miracl/sw/ndcg@10"]["delta"] == pytest.approx(rows["miracl/sw/ndcg@10"]["ours"] - rows["miracl/sw/ndcg@10"]["paper"], abs=0.11)
-    assert rows["bucc/f1"]["ours"] is not None and rows["tatoeba/accuracy"]["ours"] is not None
+    assert rows["bucc/f1"]["ours"] is not None and rows["tatoeba/f1"]["ours"] is not None
     assert all(r["ours"] is None for k, r in rows.items() if k.startswith("mteb/"))
     assert record["settings"]["prompts"] == "instruct"  # the exported policy
+    # the fixtures hold 2 of the 16 languages and 2 of the 4 / 112 pairs: the rows say so and carry no paper delta
+    assert (rows["miracl/ndcg@10"]["metric"], rows["miracl/ndcg@10"]["delta"]) == ("nDCG@10 mean (2 of 16 languages)", None)
+    assert (rows["bucc/f1"]["metric"], rows["bucc/f1"]["delta"]) == ("BUCC F1 (2 of 4 pairs)", None)
+    assert (rows["tatoeba/f1"]["covered"], rows["tatoeba/f1"]["of"], rows["tatoeba/f1"]["delta"]) == (2, 112, None)
+    assert "| Tatoeba F1 (2 of 112 pairs) " in md and "Task by task" in md and "tatoeba/deu-eng/f1" in md
+    # beside the released mE5-base's F1 on the same two pairs
+    base = released_scores("base").scores
+    assert rows["tatoeba/f1"]["released"] == pytest.approx(
+        50 * (base["tatoeba/deu-eng/f1"] + base["tatoeba/fra-eng/f1"]), abs=1e-3)
+    assert record["done"] == {"miracl": ["sw", "te"], "bucc": ["de-en", "fr-en"], "tatoeba": ["deu-eng", "fra-eng"]}
 
 
 def test_paper_suite_checks_its_folders_before_loading_the_model(tmp_path, capsys):
@@ -133,7 +144,7 @@ def test_suite_under_torchrun_writes_the_metrics_of_one_process(exported, suite_
     one, got = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert (one["world_size"], got["world_size"]) == (1, 2)
     assert got["metrics"].keys() == one["metrics"].keys()
-    assert {"miracl/sw/ndcg@10", "tatoeba/accuracy", "tatoeba/deu-eng/f1"} <= set(one["metrics"])
+    assert {"miracl/sw/ndcg@10", "tatoeba/f1", "tatoeba/deu-eng/f1"} <= set(one["metrics"])
     assert got["metrics"] == pytest.approx(one["metrics"], abs=1e-12)
     assert got["paper"] == one["paper"] and (two / "results.md").read_text() == (tmp_path / "one" / "results.md").read_text()
     for lang in ("sw", "te"):  # both ranks encoded a part of each corpus
@@ -184,11 +195,121 @@ def test_suite_logs_the_side_by_side_to_wandb_offline_and_tatoeba_both_ways(expo
     for r in record["paper"]["rows"]:
         assert [rows[r["key"]][col[c]] for c in ("benchmark", "ours", "paper", "delta")] == [
             r["benchmark"], r["ours"], r["paper"], r["delta"]]
-    tatoeba = rows["tatoeba/accuracy"]
-    assert tatoeba[col["ours"]] is not None and tatoeba[col["delta"]] == pytest.approx(
-        tatoeba[col["ours"]] - tatoeba[col["paper"]], abs=1e-3)
+    tatoeba = rows["tatoeba/f1"]  # 2 of 112 pairs: a delta against the released checkpoint's, none against the paper
+    assert tatoeba[col["ours"]] is not None and tatoeba[col["delta"]] is None
+    assert tatoeba[col["released_delta"]] == pytest.approx(tatoeba[col["ours"]] - tatoeba[col["released"]], abs=1e-3)
     assert rows["bucc/f1"][col["ours"]] is None  # not run: missing, not zero
     assert {k: v for k, v in logged.items() if k != "paper/side_by_side"} == {
         f"eval/{k}": v for k, v in record["metrics"].items()}
     # both directions, each pair named as searched
     assert {"tatoeba/deu-eng/f1", "tatoeba_backward/eng-deu/f1", "tatoeba_backward/accuracy"} <= set(record["metrics"])
+
+
+# ---------------------------------------------------------------------------------------------- MTEB, resuming
+def _local_mteb_tasks(root):
+    """Two of the paper's MTEB tasks (mteb's own task classes and loaders) re-pointed at tiny local folders."""
+    from me5.eval.mteb import resolve_tasks
+
+    tasks = resolve_tasks(["STSBenchmark", "SprintDuplicateQuestions"])
+    for task in tasks:  # a copy of the metadata: the class's own is shared by every instance
+        task.metadata = task.metadata.model_copy(
+            update={"dataset": {"path": str(root / task.metadata.name), "revision": "local"}})
+    return tasks
+
+
+def _write_local_mteb_data(root, *, broken: bool = False):
+    import shutil
+
+    s1 = ["a cat sits on the mat", "the dog barks", "Paris is in France", "rain is wet", "the sun is hot"]
+    s2 = ["a cat is on the mat", "a dog is barking", "Berlin is in Germany", "the sky is blue", "ice is cold"]
+    for name in ("STSBenchmark", "SprintDuplicateQuestions"):
+        shutil.rmtree(root / name, ignore_errors=True)
+        (root / name).mkdir(parents=True)
+    with open(root / "STSBenchmark" / "test.jsonl", "w") as f:
+        for a, b, score in zip(s1, s2, [5.0, 4.5, 2.0, 1.0, 0.0], strict=True):
+            f.write(json.dumps({"sentence1": a, "sentence2": b, "score": score}) + "\n")
+    first = "sentence1" if broken else "sent1"  # mteb's SprintDuplicateQuestions renames sent1/sent2
+    with open(root / "SprintDuplicateQuestions" / "test.jsonl", "w") as f:
+        for a, b, label in zip(s1 + s2, s2 + s1[::-1], [1] * 5 + [0, 0, 1, 0, 0], strict=True):
+            f.write(json.dumps({first: a, "sent2": b, "labels": label}) + "\n")
+
+
+def test_suite_runs_mteb_writes_after_each_task_and_a_rerun_goes_on_where_it_stopped(
+        exported, suite_root, tmp_path, monkeypatch, capsys, caplog):
+    """``--benchmarks tatoeba mteb`` through the CLI, with two of the paper's MTEB tasks on local data (mteb's
+    loaders): the second task fails; Tatoeba and the first task are in metrics.json and results.md all the same.
+    The rerun evaluates only the failed task (the others' data is gone by then: the rerun would fail if it needed
+    it), and the MTEB rows name their coverage."""
+    import shutil
+
+    import me5.eval.mteb as me5_mteb
+
+    data = tmp_path / "mteb-data"
+    _write_local_mteb_data(data, broken=True)
+    monkeypatch.setattr(me5_mteb, "paper_tasks", lambda: _local_mteb_tasks(data))
+    root = tmp_path / "eval"
+    shutil.copytree(suite_root / "tatoeba", root / "tatoeba")
+    out = tmp_path / "out"
+    args = ["--model", str(exported), "--suite", "paper", "--benchmarks", "tatoeba", "mteb", "--data-root", str(root),
+            "--paper-model", "base", "--output-dir", str(out), "--device", "cpu",
+            "--mteb-cache-dir", str(tmp_path / "hf-datasets")]
+    assert main(args) == 2
+    assert "SprintDuplicateQuestions" in capsys.readouterr().err
+    first = json.loads((out / "metrics.json").read_text())
+    assert set(first["done"]) == {"tatoeba"} and "mteb/STSBenchmark/score" in first["metrics"]
+    assert "mteb/SprintDuplicateQuestions/score" not in first["metrics"]
+    assert "STS (1 of 10 datasets)" in (out / "results.md").read_text()
+
+    _write_local_mteb_data(data)  # fixed
+    shutil.rmtree(data / "STSBenchmark")
+    shutil.rmtree(root / "tatoeba")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(args) == 0, capsys.readouterr().err
+    assert "mteb: 1 task(s) done before" in caplog.text and "tatoeba: done before" in caplog.text
+    record = json.loads((out / "metrics.json").read_text())
+    m = record["metrics"]
+    kept = {k: v for k, v in first["metrics"].items() if not k.startswith("mteb/avg")}  # the means have a new task
+    assert {k: m[k] for k in kept} == kept  # nothing done before was redone
+    assert m["mteb/avg/pairclassification"] == m["mteb/SprintDuplicateQuestions/score"]
+    assert m["mteb/avg"] == pytest.approx((m["mteb/STSBenchmark/score"] + m["mteb/SprintDuplicateQuestions/score"]) / 2)
+    rows = {r["key"]: r for r in record["paper"]["rows"]}
+    assert rows["mteb/avg"]["metric"] == "average (2 of 56 datasets)" and rows["mteb/avg"]["delta"] is None
+    assert rows["mteb/avg/pairclassification"]["metric"] == "PairClassification (1 of 3 datasets)"
+    tasks = {t["key"]: t for t in record["paper"]["tasks"]}
+    released = released_scores("base").scores
+    assert tasks["mteb/STSBenchmark/score"]["released"] == pytest.approx(100 * released["mteb/STSBenchmark/score"],
+                                                                           abs=1e-3)
+    md = (out / "results.md").read_text()
+    assert "| mteb/SprintDuplicateQuestions/score " in md and "| average (2 of 56 datasets) " in md
+
+    # results of another model in the folder: refused, not overwritten
+    other = [*args[:1], str(exported) + "/", *args[2:]]
+    assert main(other) == 2 and "--fresh" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == m
+
+
+def test_suite_checks_every_input_before_the_model_and_names_how_to_fetch_it(tmp_path, suite_root, monkeypatch,
+                                                                             capsys):
+    """MTEB's datasets not in the cache, Tatoeba on disk, BUCC missing: an error in seconds, before the model is
+    loaded (there is none) or anything encoded, that names every missing input and how to fetch it."""
+    import shutil
+    import time
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    root = tmp_path / "eval"
+    shutil.copytree(suite_root / "tatoeba", root / "tatoeba")
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    rc = main(["--model", "no/such-model", "--suite", "paper", "--benchmarks", "tatoeba", "bucc", "mteb",
+               "--data-root", str(root), "--paper-model", "base", "--output-dir", str(out),
+               "--mteb-cache-dir", str(tmp_path / "empty")])
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert seconds < 60, seconds  # the paper's scale is hours of encoding; this is the import of mteb and a look
+    assert "2 input(s) missing" in err and f"no folder {root / 'bucc'}" in err and "mteb/BUCC" in err
+    assert "'mteb/stsbenchmark-sts'" in err and "from me5.eval.mteb import download; download([" in err
+    assert not out.exists()  # nothing evaluated, nothing written

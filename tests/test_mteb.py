@@ -182,7 +182,7 @@ class _Recording:
 
 
 def _st_scores(folder, prompts: dict[str, tuple[str, str]]) -> dict[str, float]:
-    """The same tasks through mteb's SentenceTransformer wrapper, the same prompts passed per task."""
+    """The same tasks through mteb's SentenceTransformer wrapper, the same prompts passed per task: mteb's results."""
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(folder), device="cpu")
@@ -196,7 +196,7 @@ def _st_scores(folder, prompts: dict[str, tuple[str, str]]) -> dict[str, float]:
         wrapper = SentenceTransformerEncoderWrapper(model, model_prompts=model_prompts)
         result = mteb.evaluate(wrapper, [t() for t in tasks], cache=None, show_progress_bar=False,
                                encode_kwargs={"batch_size": 64})
-        out.update({r.task_name: r.get_score() for r in result.task_results})
+        out.update({r.task_name: r for r in result.task_results})
     return out
 
 
@@ -266,14 +266,22 @@ def test_prompts_per_task_type_and_side_and_scores_match_sentence_transformers(e
             np.testing.assert_allclose(norms, 1.0, atol=1e-5)
     assert wrapper.encoder.normalize is True  # the encoder's own flag is restored
 
-    # the same scores as mteb's SentenceTransformer wrapper given the same prompts per task
+    # the same scores as mteb's SentenceTransformer wrapper given the same prompts per task; the paper's metric is
+    # mteb's main score but for pair classification (mteb 1's cosine AP, not mteb 2's max_ap: me5.eval.paper)
     st = _st_scores(exported, prompts)
     ours = {k.split("/")[1]: v for k, v in scores.items() if k.endswith("/main_score")}
-    assert ours.keys() == st.keys() == {t.metadata.name for t in TASKS}
+    paper = {k.split("/")[1]: v for k, v in scores.items() if k.endswith("/score")}
+    assert ours.keys() == paper.keys() == st.keys() == {t.metadata.name for t in TASKS}
     for name in ours:
-        assert ours[name] == pytest.approx(st[name], abs=1e-5), name
-    assert scores["mteb/avg/retrieval"] == pytest.approx((ours["SciFact"] + ours["QuoraRetrieval"]) / 2)
-    assert scores["mteb/avg"] == pytest.approx(np.mean(list(ours.values())))
+        assert ours[name] == pytest.approx(st[name].get_score(), abs=1e-5), name
+        if name == "SprintDuplicateQuestions":
+            assert paper[name] == pytest.approx(st[name].get_score(getter=lambda s: s["cosine_ap"]), abs=1e-5)
+            assert st[name].scores["test"][0]["main_score"] == st[name].scores["test"][0]["max_ap"]
+        else:
+            assert paper[name] == ours[name], name
+    assert scores["mteb/avg/retrieval"] == pytest.approx((paper["SciFact"] + paper["QuoraRetrieval"]) / 2)
+    assert scores["mteb/avg/pairclassification"] == paper["SprintDuplicateQuestions"]
+    assert scores["mteb/avg"] == pytest.approx(np.mean(list(paper.values())))
     assert {k for k in scores if k.startswith("mteb/avg/")} == {
         f"mteb/avg/{t}" for t in ("retrieval", "reranking", "sts", "classification", "clustering",
                                   "pairclassification", "summarization")}
@@ -331,3 +339,55 @@ def test_the_eval_group_evaluator_is_evaluate_mteb_and_checks_the_cache_up_front
     assert len(MtebEvaluator(check_data=False).tasks) == 56
     with pytest.raises(DataError, match="'STS12'"):  # at build time, before any training
         MtebEvaluator(["STS12"], cache_dir=str(tmp_path / "empty"), check_data=True)
+
+
+# ------------------------------------------------------------------------------------------ resuming, data checks
+def test_finished_tasks_are_not_evaluated_again_and_each_task_is_reported(exported):
+    wrapper = Me5MtebEncoder.from_pretrained(exported)
+    rec = _Recording(wrapper)
+    reported = []
+    done = {"mteb/SciFact/score": 0.25, "mteb/SciFact/main_score": 0.25, "mteb/avg": 0.9}
+    got = evaluate_mteb(wrapper, [SciFact(), STSBenchmark()], prompts="e5", done=done,
+                        on_task=lambda name, scores: reported.append((name, dict(scores))))
+    assert {name for name, _ in rec.texts} == {"STSBenchmark"}  # SciFact was not embedded
+    assert reported == [("STSBenchmark", {k: v for k, v in got.items() if k.startswith("mteb/STSBenchmark/")})]
+    assert got["mteb/SciFact/score"] == 0.25 and got["mteb/avg/retrieval"] == 0.25
+    assert got["mteb/avg"] == pytest.approx((0.25 + got["mteb/STSBenchmark/score"]) / 2)
+
+
+def test_missing_datasets_are_found_in_seconds_without_loading_any(tmp_path, monkeypatch):
+    import time
+
+    import huggingface_hub
+
+    from me5.eval.mteb import check_data, missing_data
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cache = tmp_path / "datasets"
+    cache.mkdir()
+    tasks = paper_tasks()
+    t0 = time.perf_counter()
+    missing = missing_data(tasks, cache_dir=cache)
+    assert time.perf_counter() - t0 < 5
+    assert len(missing) == 55 + 12  # CQADupstackRetrieval: its 12 forums
+    assert any("'STSBenchmark': dataset 'mteb/stsbenchmark-sts' (revision b0fddb56" in m for m in missing)
+    assert not any(t.data_loaded for t in tasks)
+    # a build in the datasets cache, the pinned revision in the hub cache, a local folder, loaded data: all there
+    (cache / "mteb___stsbenchmark-sts").mkdir()
+    sts12 = next(t for t in tasks if t.metadata.name == "STS12")
+    (tmp_path / "hub" / "datasets--mteb--sts12-sts" / "snapshots" / sts12.metadata.dataset["revision"]).mkdir(
+        parents=True)
+    (tmp_path / "hub" / "datasets--mteb--sts13-sts" / "snapshots" / "another-revision").mkdir(parents=True)
+    local = SciFact()
+    local.metadata = local.metadata.model_copy(update={"dataset": {"path": str(tmp_path), "revision": "local"}})
+    loaded = STSBenchmark()
+    loaded.load_data()
+    names = [m.split("'")[1] for m in missing_data(tasks, cache_dir=cache)]
+    assert {"STSBenchmark", "STS12"} & set(names) == set() and "STS13" in names and len(names) == 65
+    assert missing_data([local, loaded], cache_dir=cache) == [] and missing_data([SciFact()], cache_dir=cache)
+    with pytest.raises(DataError, match=r"(?s)65 MTEB dataset.*not in the local Hugging Face datasets cache.*"
+                                        r"download\(\[.*'STS13'"):
+        check_data(tasks, cache_dir=cache)
+    # online: what is not cached must answer from the hub (offline here: it cannot)
+    with pytest.raises(DataError, match=r"'STS14'.*not cached and not reachable"):
+        check_data([t for t in tasks if t.metadata.name == "STS14"], cache_dir=cache, online=True)

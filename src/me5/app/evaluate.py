@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from me5.errors import ConfigError, DataError, Me5Error
@@ -37,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="BEIR folder, or folder of per-language BEIR folders (MIRACL)")
     p.add_argument("--suite", default=None, choices=sorted(SUITES),
                    help="a named suite instead of --data: 'paper' = MIRACL dev (16 languages), BUCC, Tatoeba (both "
-                        "directions) and the 56 MTEB English tasks, written beside the paper's Tables 3-6; under "
-                        "torchrun the ranks share MIRACL's corpora")
+                        "directions) and the 56 MTEB English tasks, written beside the released checkpoint's "
+                        "published scores and the paper's Tables 3-7; under torchrun the ranks share MIRACL's "
+                        "corpora")
     p.add_argument("--data-root", default="data/eval",
                    help="with --suite: the folder holding miracl/ (me5.app.convert_miracl output), bucc/ "
                         "(mteb/BUCC) and tatoeba/ (mteb/tatoeba-bitext-mining); MTEB reads the HF datasets cache")
@@ -46,7 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --suite: only these benchmarks (default: all)")
     p.add_argument("--paper-model", default=None,
                    help="the paper's column to compare with (small, base, large, large-instruct; default: from --model)")
-    p.add_argument("--output-dir", default=None, help="with --suite: where results.md and metrics.json go")
+    p.add_argument("--output-dir", default=None,
+                   help="with --suite: where results.md and metrics.json go (written after each benchmark and each "
+                        "MTEB task; a rerun into the same folder evaluates only what is not done)")
+    p.add_argument("--fresh", action="store_true",
+                   help="with --suite: start over, overwriting the results already in --output-dir")
+    p.add_argument("--mteb-cache-dir", default=None,
+                   help="with --suite: the Hugging Face datasets cache holding MTEB's datasets (default: the "
+                        "environment's, HF_DATASETS_CACHE / HF_HOME)")
+    p.add_argument("--mteb-online", action="store_true",
+                   help="with --suite: let mteb download the datasets that are not in the cache (default: offline)")
     p.add_argument("--wandb", action="store_true", help="with --suite: log the side-by-side table to W&B "
                                                        "(offline without credentials)")
     p.add_argument("--split", default="test", help="qrels/{split}.tsv (default: test)")
@@ -113,8 +125,6 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- run jobs
 def launched_world() -> int:
     """The number of processes torchrun (or SLURM's srun with the same variables) started: ``WORLD_SIZE``."""
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -122,8 +132,6 @@ def start_distributed(device: str | None) -> tuple[int, int, str | None]:
     """``(rank, world, device)``: under torchrun (``WORLD_SIZE`` > 1) the default process group, NCCL when this
     process gets a GPU (``cuda:LOCAL_RANK``, unless ``device`` names one) and gloo otherwise; one process as is.
     End it with :func:`me5.distributed.shutdown_process_group`."""
-    import os
-
     import torch
 
     world = launched_world()
@@ -192,41 +200,165 @@ def run_stage_job(args: argparse.Namespace) -> dict[str, float]:
 SUITE_BENCHMARKS = ("miracl", "bucc", "tatoeba", "tatoeba_backward", "mteb")
 SUITES = {"paper": SUITE_BENCHMARKS}
 _BITEXT = {"bucc": ("bucc", "forward"), "tatoeba": ("tatoeba", "forward"), "tatoeba_backward": ("tatoeba", "backward")}
+#: where each benchmark's folder under --data-root comes from
+_FETCH = {
+    "miracl": "python -m me5.app.convert_miracl (from the hub datasets miracl/miracl and miracl/miracl-corpus)",
+    "bucc": "huggingface-cli download mteb/BUCC --repo-type dataset --local-dir <data-root>/bucc",
+    "tatoeba": "huggingface-cli download mteb/tatoeba-bitext-mining --repo-type dataset --local-dir <data-root>/tatoeba",
+}
+STATE_FORMAT = "me5-suite/1"
 
 
-def _suite_evaluators(args, prompts, *, work_dir: Path | None) -> dict:
-    """The suite's evaluators, with every data folder checked before the model is loaded; MIRACL's corpora are
-    encoded into shards under ``work_dir`` (each rank its part) when it is given."""
+class SuiteState:
+    """What a suite's output folder already holds: ``metrics.json`` (rewritten after each benchmark and each MTEB
+    task, with ``done``: the inputs each finished benchmark was evaluated on) and ``results.md``.
+
+    A rerun into the same folder skips a benchmark whose inputs are unchanged (or whose folder is gone) and every
+    MTEB task with a score; the results must be of the same model and settings (``fingerprint``), else the rerun is
+    refused (``--fresh`` starts over).
+    """
+
+    def __init__(self, out: Path, fingerprint: dict, *, fresh: bool = False):
+        self.out, self.fingerprint = out, fingerprint
+        self.metrics: dict[str, float] = {}
+        self.done: dict[str, list[str]] = {}
+        self.timings: dict[str, float] = {}
+        old_file = out / "metrics.json"
+        if fresh or not old_file.is_file():
+            return
+        try:
+            old = json.loads(old_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"malformed JSON ({err.msg}); --fresh starts over", file=str(old_file)) from None
+        if old.get("format") != STATE_FORMAT:
+            raise ConfigError("--output-dir", f"{old_file} was not written by this version of --suite (no "
+                                              f"'{STATE_FORMAT}' format): give another --output-dir, or --fresh to "
+                                              f"overwrite it")
+        if old.get("fingerprint") != fingerprint:
+            raise ConfigError("--output-dir", f"{old_file} holds results of another model or settings "
+                                              f"({old.get('fingerprint')}, this run: {fingerprint}): give another "
+                                              f"--output-dir, or --fresh to overwrite them")
+        self.metrics = {k: float(v) for k, v in old.get("metrics", {}).items()}
+        self.done = {k: list(v) for k, v in old.get("done", {}).items()}
+        self.timings = dict(old.get("timings_s", {}))
+
+    def is_done(self, bench: str, inputs: list[str] | None) -> bool:
+        """Finished before on the same inputs, or finished and its inputs are gone (``inputs`` None)."""
+        return bench in self.done and (inputs is None or self.done[bench] == inputs)
+
+    def record(self, bench: str, metrics: Mapping[str, float], inputs: list[str], seconds: float) -> None:
+        self.metrics = {k: v for k, v in self.metrics.items() if not k.startswith(f"{bench}/")}
+        self.metrics.update(metrics)
+        self.done[bench] = list(inputs)
+        self.timings[bench] = round(seconds, 1)
+
+    def record_mteb_task(self, name: str, scores: Mapping[str, float], seconds: float) -> None:
+        from me5.eval.paper import PAPER_MTEB_EN_BY_TYPE, mteb_task_key
+
+        self.metrics.update(scores)
+        self.timings["mteb"] = round(self.timings.get("mteb", 0.0) + seconds, 1)
+        # the means over the tasks finished so far (the end of the run replaces them with evaluate_mteb's)
+        per_type = {t: [self.metrics[mteb_task_key(n)] for n in names if mteb_task_key(n) in self.metrics]
+                    for t, names in PAPER_MTEB_EN_BY_TYPE.items()}
+        for t, values in per_type.items():
+            if values:
+                self.metrics[f"mteb/avg/{t.lower()}"] = sum(values) / len(values)
+        every = [v for values in per_type.values() for v in values]
+        if every:
+            self.metrics["mteb/avg"] = sum(every) / len(every)
+
+    def write(self, column: str, meta: dict) -> tuple:
+        """``results.md`` and ``metrics.json`` as they stand; returns the side by side and the record."""
+        from me5.eval.paper import side_by_side
+
+        table = side_by_side(self.metrics, column)
+        self.out.mkdir(parents=True, exist_ok=True)
+        record = {"format": STATE_FORMAT, **meta, "fingerprint": self.fingerprint, "metrics": self.metrics,
+                  "done": self.done, "paper": table.records(), "timings_s": self.timings}
+        _atomic_write(self.out / "metrics.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        _atomic_write(self.out / "results.md", table.markdown() + "\n")
+        return table, record
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _suite_plan(args, prompts, *, work_dir: Path | None, state: SuiteState) -> tuple[dict, dict, list]:
+    """Every input of the suite, checked before the model is loaded: ``(evaluators, inputs, mteb tasks)`` of what
+    is still to do (a finished benchmark or MTEB task is left out, see :class:`SuiteState`).
+
+    A benchmark folder that is missing is an error (``--benchmarks`` runs fewer), as is a missing ``mteb`` package
+    or an MTEB dataset that is not in the local cache (or, with ``--mteb-online``, not reachable either); one with
+    only some of the paper's languages or pairs is evaluated (its rows name their coverage) with a warning.
+    MIRACL's corpora are encoded into shards under ``work_dir`` (each rank its part) when it is given.
+    """
     from me5.eval.bitext import TASK_PAIRS, BitextEvaluator
     from me5.eval.miracl import LANGUAGES
     from me5.eval.retrieval import RetrievalEvaluator, load_beir
 
     root = Path(args.data_root)
-    wanted = args.benchmarks or SUITES[args.suite]
-    out = {}
-    for bench in wanted:
-        if bench == "mteb":
-            continue  # mteb checks its own datasets (the HF cache) task by task
+    wanted = list(dict.fromkeys(args.benchmarks or SUITES[args.suite]))
+    evaluators, inputs, missing = {}, {}, []
+    for bench in [b for b in wanted if b != "mteb"]:
         task, direction = _BITEXT.get(bench, (bench, "forward"))
         folder = root / task
         if not folder.is_dir():
-            raise DataError(f"no {bench} data for --suite {args.suite} (see --data-root)", file=str(folder))
+            if state.is_done(bench, None):
+                log.info("%s: done before (%s is gone): kept", bench, folder)
+                continue
+            missing.append(f"{bench}: no folder {folder} (fetch: {_FETCH[task]})")
+            continue
         if bench == "miracl":
-            langs = [lang for lang in LANGUAGES if (folder / lang).is_dir()]
-            _warn_missing(bench, LANGUAGES, langs, folder)
+            present = [lang for lang in LANGUAGES if (folder / lang).is_dir()]
+            universe = LANGUAGES
+        else:
+            present = [p for p in TASK_PAIRS[task] if _has_pair(folder, p)]
+            universe = TASK_PAIRS[task]
+        if not present:
+            missing.append(f"{bench}: none of the paper's {len(universe)} {'languages' if bench == 'miracl' else 'pairs'}"
+                           f" in {folder} (fetch: {_FETCH[task]})")
+            continue
+        if state.is_done(bench, present):
+            log.info("%s: done before on the same %d inputs: not evaluated again", bench, len(present))
+            continue
+        _warn_missing(bench, universe, present, folder)
+        inputs[bench] = present
+        if bench == "miracl":
             # as conf/eval/miracl.yaml: one language at a time, the recipe's 512 tokens and fp16, and (with
             # work_dir) the corpus encoded into resumable fp16 shards, each rank reading and encoding its part
-            out[bench] = RetrievalEvaluator(load_beir(folder, split="dev", lazy=True), name="miracl", prompts=prompts,
-                                            task="miracl", languages=langs or list(LANGUAGES),
-                                            batch_size=args.batch_size, query_max_length=args.query_max_length,
-                                            passage_max_length=args.passage_max_length, max_tokens=65536,
-                                            precision="fp16", work_dir=work_dir)
+            evaluators[bench] = RetrievalEvaluator(
+                load_beir(folder, split="dev", lazy=True), name="miracl", prompts=prompts, task="miracl",
+                languages=present, batch_size=args.batch_size, query_max_length=args.query_max_length,
+                passage_max_length=args.passage_max_length, max_tokens=65536, precision="fp16", work_dir=work_dir)
         else:
-            pairs = [p for p in TASK_PAIRS[task] if _has_pair(folder, p)]
-            _warn_missing(bench, TASK_PAIRS[task], pairs, folder)
-            out[bench] = BitextEvaluator(folder, task=task, direction=direction, prompts=prompts,
-                                         languages=pairs or None, batch_size=args.batch_size)
-    return out
+            evaluators[bench] = BitextEvaluator(folder, task=task, direction=direction, prompts=prompts,
+                                                languages=present, batch_size=args.batch_size)
+    tasks = []
+    if "mteb" in wanted:
+        try:
+            from me5.eval import mteb as me5_mteb
+        except ImportError as err:
+            missing.append(f"mteb: the mteb package cannot be imported ({err}); pip install 'mteb>=2' (in me5's dev "
+                           f"extra)")
+        else:
+            from me5.eval.paper import mteb_task_key
+
+            every = me5_mteb.paper_tasks()
+            tasks = [t for t in every if mteb_task_key(t.metadata.name) not in state.metrics]
+            done = len(every) - len(tasks)
+            if done:
+                log.info("mteb: %d task(s) done before: not evaluated again", done)
+            try:
+                me5_mteb.check_data(tasks, cache_dir=args.mteb_cache_dir, online=args.mteb_online)
+            except DataError as err:
+                missing.append(f"mteb: {err}")
+    if missing:
+        raise DataError(f"--suite {args.suite}: {len(missing)} input(s) missing (--data-root {root}); nothing was "
+                        f"evaluated (--benchmarks runs fewer):\n" + "\n".join(f"- {m}" for m in missing))
+    return evaluators, inputs, tasks
 
 
 def _has_pair(folder: Path, pair: str) -> bool:
@@ -242,13 +374,17 @@ def _warn_missing(bench: str, wanted, present, folder: Path) -> None:
     """The paper's mean is over every language: a partial folder is evaluated, and said so loudly."""
     missing = [x for x in wanted if x not in present]
     if missing and present:
-        log.warning("%s: %d of the paper's %d languages are missing in %s (%s): its mean is not the paper's",
-                    bench, len(missing), len(wanted), folder, ", ".join(missing))
+        log.warning("%s: %d of the paper's %d are missing in %s (%s): its mean is not the paper's and its row has "
+                    "no delta against the paper", bench, len(missing), len(wanted), folder, ", ".join(missing))
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, float]:
-    """``--suite``: every benchmark of the suite, our scores beside the paper's (``me5.eval.paper``), written to
-    ``results.md``, ``metrics.json`` and (``--wandb``) a W&B table.
+    """``--suite``: every benchmark of the suite, our scores beside the released checkpoint's and the paper's
+    (``me5.eval.paper``), written to ``results.md``, ``metrics.json`` and (``--wandb``) a W&B table.
+
+    Every input is checked before the model is loaded (:func:`_suite_plan`); the results are written after each
+    benchmark and each MTEB task, and a rerun into the same ``--output-dir`` goes on where the last one stopped
+    (:class:`SuiteState`).
 
     Under torchrun (``WORLD_SIZE`` > 1) the processes form a group (NCCL on GPUs, else gloo) for MIRACL: each
     rank reads, encodes (into ``<output dir>/embeddings``) and searches its part of every corpus. Then the group
@@ -256,7 +392,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, float]:
     rank waits in a collective while rank 0 runs the rest).
     """
     from me5.distributed import shutdown_process_group
-    from me5.eval.paper import paper_model, side_by_side
+    from me5.eval.paper import paper_model
 
     try:
         column = paper_model(args.paper_model or args.model)
@@ -267,18 +403,30 @@ def run_suite(args: argparse.Namespace) -> dict[str, float]:
         settings["prompts"] = args.prompts
     prompts = PromptPolicy(settings["prompts"])
     out = Path(args.output_dir or Path("outputs") / "eval" / (Path(args.model).name or "model"))
+    fingerprint = {"model": str(args.model), "settings": settings, "query_max_length": args.query_max_length,
+                   "passage_max_length": args.passage_max_length}
+    state = SuiteState(out, fingerprint, fresh=args.fresh)
     # on disk with --output-dir, and always with several processes: the ranks share the corpus through the shards
     work_dir = out / "embeddings" if args.output_dir or launched_world() > 1 else None
-    evaluators = _suite_evaluators(args, prompts, work_dir=work_dir)  # data errors before the (slow) model load
+    evaluators, inputs, mteb_tasks = _suite_plan(args, prompts, work_dir=work_dir, state=state)  # before the model
+    meta = {"model": args.model, "suite": args.suite, "paper_model": column, "settings": settings,
+            "world_size": launched_world()}
+    if not evaluators and not mteb_tasks:
+        log.info("nothing left to evaluate in %s", out)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 writes
+            return state.metrics
+        return _finish(args, state, column, meta, out)
     rank, world, device = start_distributed(args.device)
-    metrics: dict[str, float] = {}
-    timings: dict[str, float] = {}
+    meta["world_size"] = world
 
     def evaluate(bench: str) -> None:
         t0 = time.perf_counter()
-        metrics.update(evaluators[bench].evaluate(encoder, tokenizer, device=device,
-                                                  show_progress=rank == 0 and sys.stderr.isatty()))
-        timings[bench] = round(time.perf_counter() - t0, 1)
+        metrics = evaluators[bench].evaluate(encoder, tokenizer, device=device,
+                                             show_progress=rank == 0 and sys.stderr.isatty())
+        state.record(bench, metrics, inputs[bench], time.perf_counter() - t0)
+        if rank == 0:
+            state.write(column, meta)
+            log.info("%s: done in %.1f s; results so far in %s", bench, time.perf_counter() - t0, out / "results.md")
 
     shared = [b for b, ev in evaluators.items() if world > 1 and getattr(ev, "shares_ranks", True)]
     try:
@@ -290,28 +438,35 @@ def run_suite(args: argparse.Namespace) -> dict[str, float]:
     if rank != 0:
         log.info("rank %d of %d: its part of %s is done; rank 0 runs the rest and writes the results", rank, world,
                  ", ".join(shared) or "nothing")
-        return metrics
+        return state.metrics
     for bench in [b for b in evaluators if b not in shared]:
         evaluate(bench)
-    if "mteb" in (args.benchmarks or SUITES[args.suite]):
+    if mteb_tasks:
         from me5.eval.mteb import Me5MtebEncoder, evaluate_mteb, paper_tasks
 
-        t0 = time.perf_counter()
         wrapper = Me5MtebEncoder(encoder, tokenizer, prompts=prompts, name=str(args.model), device=device,
                                  batch_size=args.batch_size)
-        metrics.update(evaluate_mteb(wrapper, paper_tasks(), prompts=prompts, batch_size=args.batch_size))
-        timings["mteb"] = round(time.perf_counter() - t0, 1)
-    table = side_by_side(metrics, column)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table.markdown() + "\n", encoding="utf-8")
-    record = {"model": args.model, "suite": args.suite, "paper_model": column, "settings": settings,
-              "metrics": metrics, "paper": table.records(), "timings_s": timings, "world_size": world}
-    (out / "metrics.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        clock = [time.perf_counter()]
+
+        def on_task(name: str, scores: dict[str, float]) -> None:
+            state.record_mteb_task(name, scores, time.perf_counter() - clock[0])
+            clock[0] = time.perf_counter()
+            state.write(column, meta)
+
+        done = {k: v for k, v in state.metrics.items() if k.startswith("mteb/")}
+        state.metrics.update(evaluate_mteb(wrapper, paper_tasks(), prompts=prompts, batch_size=args.batch_size,
+                                           cache_dir=args.mteb_cache_dir, offline=not args.mteb_online, done=done,
+                                           on_task=on_task))
+    return _finish(args, state, column, meta, out)
+
+
+def _finish(args, state: SuiteState, column: str, meta: dict, out: Path) -> dict[str, float]:
+    table, record = state.write(column, meta)
     print(table.markdown())
     print(f"\nresults: {out / 'results.md'}")
     if args.wandb:
         _log_wandb(table, record, out)
-    return metrics
+    return state.metrics
 
 
 def _log_wandb(table, record, out: Path) -> None:

@@ -29,7 +29,14 @@ task prompt (mteb took those from E5-mistral) or, failing that, its description 
 
 :func:`evaluate_mteb` runs ``mteb.evaluate`` offline: datasets come from the local Hugging Face datasets cache, and
 a task whose data is not there is a :class:`~me5.errors.DataError` naming the task and its dataset id. Scores are
-mteb's (fractions, not the paper's percentages).
+mteb's (fractions, not the paper's percentages): per task mteb 2's main score and the paper's metric, which is the
+same but for pair classification (mteb 1's cosine AP where mteb 2 reports ``max_ap``; the evidence is in
+:mod:`me5.eval.paper`). It can go on from the tasks a previous run finished (``done``) and reports each task as it
+finishes (``on_task``), so that a caller can write it out.
+
+:func:`missing_data` / :func:`check_data` find, in milliseconds and without loading anything, the tasks whose datasets
+an offline run could not read (not in the datasets cache, nor at the pinned revision in the hub cache), so that a
+missing one is an error before any encoding; :func:`download` fetches them once with network access.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +57,9 @@ import torch
 import torch.nn.functional as F
 
 from me5.errors import ConfigError, DataError
+from me5.eval.paper import PAPER_MTEB_EN as _PAPER_MTEB_EN
+from me5.eval.paper import PAPER_MTEB_EN_BY_TYPE as _PAPER_MTEB_EN_BY_TYPE
+from me5.eval.paper import mteb_task_key
 from me5.prompts import PromptPolicy
 
 try:
@@ -67,35 +77,13 @@ log = logging.getLogger(__name__)
 #: the mteb benchmark that holds the paper's 56 tasks with the v1 leaderboard's splits and subsets
 PAPER_BENCHMARK = "MTEB(eng, v1)"
 
-#: the 56 English datasets of mE5 Table 7 (MTEB English v1), by task type; names as mteb 2.26's registry spells
-#: them (no renames were needed: mteb 2 keeps the v1 names and adds new versions beside them, e.g.
-#: ``SummEvalSummarization.v2``, ``STS22.v2``, ``Touche2020Retrieval.v3``, ``*Clustering.v2``, which the paper
-#: did not use). ``CQADupstackRetrieval`` is mteb's aggregate of the 12 CQADupStack forums (the mean of their
-#: nDCG@10), counted once as in the paper.
-PAPER_MTEB_EN_BY_TYPE: dict[str, tuple[str, ...]] = {
-    "Classification": (
-        "AmazonCounterfactualClassification", "AmazonPolarityClassification", "AmazonReviewsClassification",
-        "Banking77Classification", "EmotionClassification", "ImdbClassification", "MassiveIntentClassification",
-        "MassiveScenarioClassification", "MTOPDomainClassification", "MTOPIntentClassification",
-        "ToxicConversationsClassification", "TweetSentimentExtractionClassification",
-    ),
-    "Clustering": (
-        "ArxivClusteringP2P", "ArxivClusteringS2S", "BiorxivClusteringP2P", "BiorxivClusteringS2S",
-        "MedrxivClusteringP2P", "MedrxivClusteringS2S", "RedditClustering", "RedditClusteringP2P",
-        "StackExchangeClustering", "StackExchangeClusteringP2P", "TwentyNewsgroupsClustering",
-    ),
-    "PairClassification": ("SprintDuplicateQuestions", "TwitterSemEval2015", "TwitterURLCorpus"),
-    "Reranking": ("AskUbuntuDupQuestions", "MindSmallReranking", "SciDocsRR", "StackOverflowDupQuestions"),
-    "Retrieval": (
-        "ArguAna", "ClimateFEVER", "CQADupstackRetrieval", "DBPedia", "FEVER", "FiQA2018", "HotpotQA", "MSMARCO",
-        "NFCorpus", "NQ", "QuoraRetrieval", "SCIDOCS", "SciFact", "Touche2020", "TRECCOVID",
-    ),
-    "STS": (
-        "BIOSSES", "SICK-R", "STS12", "STS13", "STS14", "STS15", "STS16", "STS17", "STS22", "STSBenchmark",
-    ),
-    "Summarization": ("SummEval",),
-}
-PAPER_MTEB_EN: list[str] = [name for names in PAPER_MTEB_EN_BY_TYPE.values() for name in names]
+#: the 56 English datasets of mE5 Table 7 by task type, and in one list (defined with the paper's numbers, in
+#: :mod:`me5.eval.paper`, which imports no mteb)
+PAPER_MTEB_EN_BY_TYPE = _PAPER_MTEB_EN_BY_TYPE
+PAPER_MTEB_EN: list[str] = list(_PAPER_MTEB_EN)
+#: the metric of mteb's scores that the paper reports, where it is not mteb 2's main score (see :mod:`me5.eval.paper`:
+#: mteb 1's pair classification main score was the cosine AP, mteb 2's is ``max_ap``)
+PAPER_METRIC_BY_TYPE: dict[str, str] = {"PairClassification": "cosine_ap"}
 
 #: task definitions of the instruct policy: unilm ``e5/utils.py`` ``get_task_def_by_task_name_and_type``
 #: (E5-mistral, arXiv 2401.00368, Table 13), for every task of :data:`PAPER_MTEB_EN`
@@ -419,6 +407,8 @@ def evaluate_mteb(
     output_dir: str | os.PathLike | None = None,
     offline: bool = True,
     overwrite: bool = True,
+    done: Mapping[str, float] | None = None,
+    on_task: Callable[[str, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Run ``mteb.evaluate`` on ``tasks``; flat scores.
 
@@ -433,12 +423,17 @@ def evaluate_mteb(
         output_dir: where mteb writes its result files (``results/<model>/<revision>/<Task>.json``); none by default.
         offline: no network (the default): datasets only from the local cache.
         overwrite: recompute tasks that already have results in ``output_dir`` (False: reuse them).
+        done: scores of tasks finished before (``mteb/<Task>/...`` keys, as this function returns them): a task
+            with its ``mteb/<Task>/score`` here is not evaluated again, its scores count as they are.
+        on_task: called after each task that is evaluated with ``(task name, its mteb/<Task>/... scores)``, e.g. to
+            write them out before the next task starts.
 
     Returns:
-        ``mteb/<Task>/main_score`` per task (the mean over its evaluated splits and subsets), ``mteb/avg/<type>``
-        per task type (mteb's type name in lower case: ``classification``, ``pairclassification``, ``sts``, ...; the
-        keys of :mod:`me5.eval.paper`) and ``mteb/avg`` over all tasks (for :data:`PAPER_MTEB_EN`: the paper's
-        56-dataset average). Values are mteb's, in [0, 1].
+        Per task, ``mteb/<Task>/main_score`` (mteb 2's main score, the mean over its evaluated splits and subsets)
+        and ``mteb/<Task>/score`` (the paper's metric: the same, except :data:`PAPER_METRIC_BY_TYPE`); per task type
+        ``mteb/avg/<type>`` (mteb's type name in lower case: ``classification``, ``pairclassification``, ``sts``,
+        ...; the keys of :mod:`me5.eval.paper`) and ``mteb/avg`` over all tasks (for :data:`PAPER_MTEB_EN`: the
+        paper's 56-dataset average), both means of ``score``. Values are mteb's, in [0, 1].
 
     Raises:
         DataError: a task's data is not in the local cache (the message names the task and its dataset id).
@@ -457,31 +452,116 @@ def evaluate_mteb(
         cache = ResultCache(str(Path(output_dir).expanduser()))
     out: dict[str, float] = {}
     by_type: dict[str, list[float]] = defaultdict(list)
+    done = dict(done or {})
     with _hf_datasets(cache_dir, offline=offline):
         for task in task_list:
             name, task_type = task.metadata.name, task.metadata.type
-            leaves = list(task.metadata.tasks) if isinstance(task, AbsTaskAggregate) else [task]
-            try:
-                for leaf in leaves:
-                    _load(leaf, cache_dir)
-                log.info("mteb: evaluating %s (%s)", name, task_type)
-                result = mteb.evaluate(
-                    wrapper, task, cache=cache, encode_kwargs={"batch_size": wrapper.batch_size},
-                    overwrite_strategy="always" if overwrite else "only-missing", show_progress_bar=False,
-                    raise_error=True,
-                )
-            finally:
-                for leaf in leaves:
-                    if leaf.data_loaded:
-                        leaf.unload_data()
-            (task_result,) = result.task_results
-            score = float(task_result.get_score())
-            out[f"mteb/{name}/main_score"] = score
-            by_type[task_type].append(score)
-    for task_type, scores in sorted(by_type.items()):
-        out[f"mteb/avg/{task_type.lower()}"] = float(np.mean(scores))
-    out["mteb/avg"] = float(np.mean([s for scores in by_type.values() for s in scores]))
+            prefix = f"mteb/{name}/"
+            if mteb_task_key(name) in done:
+                log.info("mteb: %s is done (%.4f), not evaluated again", name, done[mteb_task_key(name)])
+                scores = {k: float(v) for k, v in done.items() if k.startswith(prefix)}
+            else:
+                scores = _evaluate_task(wrapper, task, cache=cache, cache_dir=cache_dir, overwrite=overwrite)
+                if on_task is not None:
+                    on_task(name, scores)
+            out.update(scores)
+            by_type[task_type].append(scores[mteb_task_key(name)])
+    for task_type, values in sorted(by_type.items()):
+        out[f"mteb/avg/{task_type.lower()}"] = float(np.mean(values))
+    out["mteb/avg"] = float(np.mean([v for values in by_type.values() for v in values]))
     return out
+
+
+def _evaluate_task(wrapper, task: AbsTask, *, cache, cache_dir, overwrite: bool) -> dict[str, float]:
+    """One task through ``mteb.evaluate``: ``{mteb/<Task>/main_score, mteb/<Task>/score}``."""
+    name, task_type = task.metadata.name, task.metadata.type
+    leaves = list(task.metadata.tasks) if isinstance(task, AbsTaskAggregate) else [task]
+    try:
+        for leaf in leaves:
+            _load(leaf, cache_dir)
+        log.info("mteb: evaluating %s (%s)", name, task_type)
+        result = mteb.evaluate(
+            wrapper, task, cache=cache, encode_kwargs={"batch_size": wrapper.batch_size},
+            overwrite_strategy="always" if overwrite else "only-missing", show_progress_bar=False,
+            raise_error=True,
+        )
+    finally:
+        for leaf in leaves:
+            if leaf.data_loaded:
+                leaf.unload_data()
+    (task_result,) = result.task_results
+    main = float(task_result.get_score())
+    metric = PAPER_METRIC_BY_TYPE.get(task_type)
+    paper = main if metric is None else float(task_result.get_score(getter=lambda scores: scores[metric]))
+    return {f"mteb/{name}/main_score": main, mteb_task_key(name): paper}
+
+
+# ---------------------------------------------------------------------------------------------- data checks
+def missing_data(tasks: Iterable[AbsTask], *, cache_dir=None, online: bool = False) -> list[str]:
+    """The datasets of ``tasks`` (each leaf of an aggregate task) that an offline run cannot read, in seconds and
+    without loading any: one line per dataset, naming the task, the dataset id and revision.
+
+    A dataset counts as there when its task's data is already loaded, its ``path`` is a local folder, the
+    ``datasets`` cache (``cache_dir``, default the environment's) holds a build of it (``<org>___<name>``), or the
+    hub cache holds its pinned revision (``datasets--<org>--<name>/snapshots/<revision>``). With ``online``, one
+    that is not there counts only when the hub does not answer for it either (``HfApi.dataset_info``).
+    """
+    import huggingface_hub
+
+    ds_cache = Path(cache_dir).expanduser() if cache_dir is not None else Path(_datasets_cache())
+    hub_cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    built = {p.name.lower() for p in ds_cache.iterdir()} if ds_cache.is_dir() else set()
+    out = []
+    for task in tasks:
+        leaves = list(task.metadata.tasks) if isinstance(task, AbsTaskAggregate) else [task]
+        for leaf in leaves:
+            ds = leaf.metadata.dataset or {}
+            path, revision = str(ds.get("path") or ""), ds.get("revision")
+            if leaf.data_loaded or (path and Path(path).expanduser().is_dir()):
+                continue
+            if path.replace("/", "___").lower() in built:
+                continue
+            snapshot = hub_cache / f"datasets--{path.replace('/', '--')}" / "snapshots" / str(revision)
+            if revision and snapshot.is_dir():
+                continue
+            what = f"mteb task '{leaf.metadata.name}': dataset '{path}' (revision {revision})"
+            if online:
+                try:
+                    huggingface_hub.HfApi().dataset_info(path, revision=revision, timeout=10)
+                    continue
+                except Exception as err:  # any failure: not reachable from here
+                    what += f" is not cached and not reachable ({type(err).__name__})"
+            out.append(what)
+    return out
+
+
+def check_data(tasks: Iterable[AbsTask], *, cache_dir=None, online: bool = False) -> None:
+    """:func:`missing_data` as an error: a :class:`DataError` listing every missing dataset and how to fetch them."""
+    tasks = list(tasks)
+    missing = missing_data(tasks, cache_dir=cache_dir, online=online)
+    if not missing:
+        return
+    where = str(cache_dir) if cache_dir is not None else _datasets_cache()
+    names = sorted({line.split("'")[1] for line in missing})
+    cache_arg = f", cache_dir={str(cache_dir)!r}" if cache_dir is not None else ""
+    fetch = f"python -c \"from me5.eval.mteb import download; download({names!r}{cache_arg})\""
+    raise DataError(
+        f"{len(missing)} MTEB dataset(s) "
+        + ("missing" if online else f"not in the local Hugging Face datasets cache ({where}); the run reads them offline")
+        + ":\n  " + "\n  ".join(missing)
+        + f"\nFetch them once with network access (into the same cache):\n  {fetch}"
+    )
+
+
+def download(tasks: Iterable[str | AbsTask], *, cache_dir=None) -> None:
+    """Load every dataset of ``tasks`` once with network access, into ``cache_dir`` (default: the environment's
+    Hugging Face datasets cache), so that :func:`evaluate_mteb` finds them offline."""
+    with _hf_datasets(cache_dir, offline=False):
+        for task in resolve_tasks(tasks):
+            for leaf in list(task.metadata.tasks) if isinstance(task, AbsTaskAggregate) else [task]:
+                log.info("mteb: fetching %s (%s)", leaf.metadata.name, (leaf.metadata.dataset or {}).get("path"))
+                leaf.load_data()
+                leaf.unload_data()
 
 
 class MtebEvaluator:
@@ -515,6 +595,10 @@ class MtebEvaluator:
                     for leaf in leaves:
                         _load(leaf, cache_dir)
                         leaf.unload_data()
+
+    def missing(self) -> list[str]:
+        """The tasks' datasets an offline run could not read (:func:`missing_data`; milliseconds, nothing loaded)."""
+        return missing_data(self.tasks, cache_dir=self.cache_dir, online=not self.offline)
 
     def evaluate(self, encoder, tokenizer, *, device=None, show_progress: bool = False) -> dict[str, float]:
         wrapper = Me5MtebEncoder(encoder, tokenizer, prompts=self.prompts, device=device, batch_size=self.batch_size)
