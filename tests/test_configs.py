@@ -195,10 +195,37 @@ def test_launchers_compose(tmp_path):
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
 
+    import me5.app.resolvers  # noqa: F401 -- ${me5.slurm_count:...}
     from tests.helpers import CONF
 
-    for launcher in ("slurm", "local"):
+    expected = {"slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+                "local": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}
+    for launcher, target in expected.items():
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
             cfg = hcompose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
-        assert "_target_" in cfg.hydra.launcher
-    assert "submitit" in str(cfg.hydra.launcher._target_) or launcher == "local"
+        assert cfg.hydra.launcher._target_ == target, launcher
+        assert _locate(target).__name__ == target.rsplit(".", 1)[1]  # the plugin is installed
+    # the slurm launcher reads its task counts from the trainer group (never written twice)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = hcompose("config", overrides=["hydra/launcher=slurm", "trainer.devices=8", "trainer.num_nodes=2"],
+                       return_hydra_config=True)
+    assert (cfg.hydra.launcher.tasks_per_node, cfg.hydra.launcher.nodes) == (8, 2)
+
+
+def test_the_documented_source_fields_are_plain_overrides(tmp_path):
+    """The fields the docs tell a user to set exist in the configs (no ``+`` needed): every option of
+    ``data=files`` and every stage-1 source's ``data_files`` / ``max_chars`` of ``data=paper``, and the NLI
+    source's own negative count."""
+    files = ["strict=false", "max_chars=4096", "long_texts=drop", "lang=de", "symmetric=true", "task=nq",
+             "instruction=x", "data_files=[a.jsonl]", "max_examples=10", "n_negatives=1"]
+    cfg = compose_cfg(["data=files", *[f"data.pretrain.{f}" for f in files]], tmp_path=tmp_path)
+    assert cfg.data.pretrain.strict is False and cfg.data.pretrain.n_negatives == 1
+    sig = inspect.signature(_locate(cfg.data.pretrain._target_))
+    assert {f.split("=")[0] for f in files} <= set(sig.parameters)  # each reaches the constructor
+    paper = compose_cfg(["data=paper"], tmp_path=tmp_path)
+    over = [f"data.pretrain.sources.{name}.data_files=[x.jsonl]" for name in paper.data.pretrain.sources]
+    cfg = compose_cfg(["data=paper", *over, "data.finetune.sources.nli.n_negatives=1"], tmp_path=tmp_path)
+    assert all(list(src.data_files) == ["x.jsonl"] for src in cfg.data.pretrain.sources.values())
+    assert cfg.data.finetune.sources.nli.n_negatives == 1
+    with pytest.raises(ConfigCompositionException):  # the check can fail: an undeclared field needs a +
+        compose_cfg(["data=files", "data.pretrain.no_such_field=1"], tmp_path=tmp_path)

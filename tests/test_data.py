@@ -106,11 +106,77 @@ def test_bad_record_names_file_line_field(tmp_path, tokenizer, record, field):
 def test_lenient_mode_counts_malformed_and_skips_are_counted(tmp_path, tokenizer):
     recs = pairs(6, negs=2) + [{"query": "w1"}, {"query": "w1", "positive": "w2 " * 100, "negatives": ["w3", "w4"]}] + pairs(3, negs=1)
     p = write_jsonl(tmp_path / "r.jsonl", recs)
-    dm = connected(one_source(p, strict=False, max_chars=50), tokenizer, n_negatives=2)
+    dm = connected(one_source(Source(str(p), strict=False, max_chars=50, long_texts="drop")), tokenizer, n_negatives=2)
     # the one skip taxonomy of me5.data.records (prepare counts the same reasons)
     assert dm.counts["pairs"] == Counter({"read": 11, "kept": 6, "skipped/missing_field": 1, "skipped/too_long": 1,
                                           "skipped/too_few_negatives": 3})
     assert dm.data_counts()["pairs/skipped/too_long"] == 1
+
+
+def test_max_chars_truncates_long_texts_and_counts_them(tmp_path, tokenizer):
+    """No data lost: a text over ``max_chars`` is cut at a word boundary and its record kept (counted
+    ``truncated/too_long``); ``long_texts="drop"`` skips the record instead."""
+    from me5.data.records import truncate_text
+
+    long = " ".join(f"w{i % 200}" for i in range(40))  # 159 characters
+    recs = pairs(4, negs=2) + [{"query": long, "positive": "w1 w2", "negatives": ["w3", long], "teacher_scores": [1, 0, 0]},
+                               {"query": "w5", "positive": "x" * 80}]  # no space to cut at: cut at 50
+    p = write_jsonl(tmp_path / "r.jsonl", recs)
+    dm = connected(one_source(Source(str(p), max_chars=50)), tokenizer)
+    assert dm.counts["pairs"] == Counter({"read": 6, "kept": 6, "truncated/too_long": 2})
+    assert dm.data_counts()["pairs/truncated/too_long"] == 2
+    ex = {e.query: e for e in dm.examples["pairs"]}
+    cut = long[: long.rindex(" ", 0, 51)]
+    assert ex[cut].negatives == ("w3", cut) and len(cut) <= 50 and long.startswith(cut + " ")
+    assert ex[cut].teacher_scores == (1.0, 0.0, 0.0) and ex["w5"].positive == "x" * 50
+    assert [e for e in dm.examples["pairs"] if e.query.startswith("w0")][0].positive == "w1 w2"  # short: as it was
+    assert truncate_text("ab cd", 5) == "ab cd" and truncate_text("ab cd ef", 5) == "ab cd"  # ends at a word: kept
+    assert truncate_text("ab cdef", 5) == "ab"  # no half word at the end
+    assert truncate_text("abcdef gh", 8) == "abcdef" and truncate_text("a bcdefgh", 4) == "a bc"  # word, else hard cut
+    drop = connected(one_source(Source(str(p), max_chars=50, long_texts="drop")), tokenizer)
+    assert drop.counts["pairs"] == Counter({"read": 6, "kept": 4, "skipped/too_long": 2})
+    with pytest.raises(ConfigError, match=r"long_texts"):
+        Source(str(p), max_chars=50, long_texts="cut")
+
+
+def test_every_paper_stage1_source_truncates_at_4096(tmp_path):
+    """data=paper: the ten stage-1 sources cut texts at 4096 characters and drop none for length (Reddit keeps E5's
+    own comment filter, its class's)."""
+    from hydra.utils import instantiate
+
+    from me5.data.sources.reddit import RedditPairs
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg(["data=paper"], tmp_path=tmp_path)
+    sources = instantiate(cfg.data.pretrain).sources()
+    assert len(sources) == 10
+    for name, src in sources.items():
+        assert (src.max_chars, src.long_texts) == (4096, "truncate"), name
+        assert src.classifier().long_texts == "truncate"
+    assert RedditPairs.max_comment_chars == 4096
+
+
+def test_a_source_sets_its_own_number_of_negatives(tmp_path, tokenizer):
+    """E5's NLI recipe: the contradiction as the one hard negative (``n_negatives: 1`` on that source) beside
+    sources with the stage's 2. A batch holds one group size: mixed batches are refused, homogeneous ones (one source
+    per global batch) have each source's group size; records with fewer than their source's count are counted."""
+    nli = write_jsonl(tmp_path / "nli.jsonl", pairs(8, prefix="w", negs=1))
+    web = write_jsonl(tmp_path / "web.jsonl", pairs(8, prefix="w", negs=2) + pairs(2, negs=1))
+    sources = lambda: {"nli": Source(str(nli), n_negatives=1), "web": Source(str(web))}  # noqa: E731
+    with pytest.raises(ConfigError, match=r"data\.homogeneous.*1: nli; 2: web"):
+        connected(PairDataModule(sources(), homogeneous=False), tokenizer, n_negatives=2, require_teacher=True)
+    dm = connected(PairDataModule(sources(), homogeneous=True, seed=3), tokenizer, n_negatives=2, require_teacher=True)
+    assert dm.negatives_per_source(2) == {"nli": 1, "web": 2}
+    assert dm.counts["nli"]["kept"] == 8 and dm.counts["web"] == Counter({"read": 10, "kept": 8,
+                                                                         "skipped/too_few_negatives": 2})
+    groups = {}
+    for _, batch in zip(range(12), dm.train_dataloader(), strict=False):
+        (src,) = set(batch["source"])
+        groups.setdefault(src, set()).add(int(batch["group_size"]))
+        assert batch["teacher_scores"].shape == (4, int(batch["group_size"]))
+    assert groups == {"nli": {2}, "web": {3}}
+    with pytest.raises(ConfigError, match=r"n_negatives"):
+        Source(str(nli), n_negatives=-1)
 
 
 def test_no_usable_examples_is_an_error(tmp_path, tokenizer):

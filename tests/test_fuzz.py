@@ -625,7 +625,11 @@ def check_example(ex: PairExample, stage: dict) -> None:
 def check_counts(case: Case, counts: Counter, kept: list, where: dict, *, valid_kept: bool = True) -> None:
     """Every record written is kept or counted by a reason of the taxonomy; valid records are kept, once."""
     skipped = {k: v for k, v in counts.items() if k.startswith("skipped/")}
-    assert set(counts) <= {"read", "kept", *skipped}, dict(counts)
+    # a text over max_chars is cut, its record kept and counted (me5.data.records: truncated/too_long)
+    truncated = {k: v for k, v in counts.items() if k.startswith("truncated/")}
+    assert set(counts) <= {"read", "kept", *skipped, *truncated}, dict(counts)
+    assert set(truncated) <= {"truncated/too_long"} and (not truncated or case.stage.get("max_chars"))
+    assert sum(truncated.values()) <= counts["kept"], dict(counts)
     assert counts["read"] == len(where), (dict(counts), len(where))
     assert counts["kept"] == len(kept) and len(kept) + sum(skipped.values()) == counts["read"], dict(counts)
     reasons = {k.removeprefix("skipped/") for k in skipped}

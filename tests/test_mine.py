@@ -99,21 +99,27 @@ def read_out(out: Path) -> dict[str, PairExample]:
 
 # ---------------------------------------------------------------------------------------------- the reference
 def reference(q_QD, c_ND, records, corpus, opts, teacher=None):
-    """Brute force on the full score matrix: per record, the window, each guard's drops and the negatives."""
+    """Brute force on the full score matrix: per record, the window, each guard's drops and the negatives (with
+    ``opts.own_negatives == "keep"``: the record's own negatives are excluded and only the rest up to
+    ``n_negatives`` is mined)."""
     row_of = {t: i for i, t in enumerate(corpus)}
+    keep = opts.own_negatives == "keep"
     excl = defaultdict(set)
     for r in records:
         excl[r["query"]].add(row_of[r["positive"]])
         if r["query"] in row_of:
             excl[r["query"]].add(row_of[r["query"]])
-    k = opts.range_max + max(len(s) for s in excl.values())
+    own = [{row_of[t] for t in r.get("negatives", ())} if keep else set() for r in records]
+    k = opts.range_max + max(len(excl[r["query"]] | o) for r, o in zip(records, own, strict=True))
     s_QN = q_QD @ c_ND.T
     n = len(corpus)
     out = []
     for i, r in enumerate(records):
         s = s_QN[i]
         ranked = np.lexsort((-np.arange(n), -s))[:k]  # score descending, ties: the larger doc id first
-        eligible = [int(j) for j in ranked if j not in excl[r["query"]]]
+        gone = excl[r["query"]] | own[i]
+        need = max(0, opts.n_negatives - len(own[i]))
+        eligible = [int(j) for j in ranked if j not in gone]
         window = eligible[opts.range_min : opts.range_max]
         pos = s[row_of[r["positive"]]]
         perc = {j for j in window if opts.perc_pos is not None and s[j] > pos - abs(pos) * (1 - opts.perc_pos)}
@@ -122,14 +128,14 @@ def reference(q_QD, c_ND, records, corpus, opts, teacher=None):
         survivors = [j for j in window if j not in perc | absm]
         rejected, negs = [], []
         for j in survivors:
-            if len(negs) == opts.n_negatives:
+            if len(negs) == need:
                 break
             if teacher is not None and teacher(r["query"], corpus[j]) > teacher(r["query"], r["positive"]):
                 rejected.append(j)
                 continue
             negs.append(j)
         out.append({"window": window, "perc": perc, "abs": absm, "survivors": survivors, "negs": negs,
-                    "teacher": rejected, "excluded": [int(j) for j in ranked if j in excl[r["query"]]]})
+                    "teacher": rejected, "excluded": [int(j) for j in ranked if j in gone]})
     return out
 
 
@@ -165,7 +171,7 @@ def test_window_guards_and_take_on_small_arrays():
 # ---------------------------------------------------------------------------------------------- exact = reference
 def test_mined_negatives_equal_the_brute_force_reference(env, tmp_path):
     opts = MineOptions(n_negatives=4, range_min=2, range_max=40, perc_pos=0.95, absolute_margin=0.04,
-                       shard_rows=10, embed_shard_rows=64, row_group_rows=4)
+                       shard_rows=10, embed_shard_rows=64, row_group_rows=4, own_negatives="replace")
     plan, res = run_mine(env, tmp_path / "out", opts)
     assert res.complete and res.written == 5
     recs = env["records"]
@@ -195,7 +201,7 @@ def test_the_guards_drop_exactly_the_reference_candidates(env, tmp_path):
     from me5.embed.search import search
 
     opts = MineOptions(n_negatives=3, range_min=0, range_max=30, perc_pos=0.97, absolute_margin=0.02,
-                       embed_shard_rows=64)
+                       embed_shard_rows=64, own_negatives="replace")
     plan, _ = run_mine(env, tmp_path / "out", opts)
     recs = env["records"]
     q, c = embeddings(env, tmp_path / "out", recs)
@@ -215,7 +221,7 @@ def test_the_guards_drop_exactly_the_reference_candidates(env, tmp_path):
 
 def test_random_sampling_draws_from_the_survivors_whatever_the_sharding(env, tmp_path):
     opts = MineOptions(n_negatives=3, range_max=40, perc_pos=0.97, sampling="random", seed=5, shard_rows=7,
-                       embed_shard_rows=64)
+                       embed_shard_rows=64, own_negatives="replace")
     plan, _ = run_mine(env, tmp_path / "a", opts)
     recs = env["records"]
     q, c = embeddings(env, tmp_path / "a", recs)
@@ -297,7 +303,7 @@ def test_the_teacher_recheck_drops_what_it_scores_above_the_positive(env, tmp_pa
     from me5.embed.teacher import CrossEncoderScorer
 
     scorer = CrossEncoderScorer.from_pretrained(str(env["teacher"]), device="cpu", max_length=128)
-    opts = MineOptions(n_negatives=3, range_max=30, perc_pos=0.97, embed_shard_rows=64, shard_rows=20)
+    opts = MineOptions(n_negatives=3, range_max=30, perc_pos=0.97, embed_shard_rows=64, shard_rows=20, own_negatives="replace")
     plan, res = run_mine(env, tmp_path / "out", opts, scorer=scorer)
     recs = env["records"]
     q, c = embeddings(env, tmp_path / "out", recs)
@@ -317,6 +323,49 @@ def test_the_teacher_recheck_drops_what_it_scores_above_the_positive(env, tmp_pa
         np.testing.assert_allclose(ex.teacher_scores, want_scores, rtol=0, atol=5e-5)  # batched vs one by one
     dropped = sum(len(w["teacher"]) for w in ref)
     assert res.stats["counts"]["dropped/teacher"] == dropped > 5
+
+
+def test_a_record_keeps_its_own_negatives_first_and_mining_fills_up(env, tmp_path):
+    """The default (``own_negatives="keep"``): a record's own negatives (NLI's contradiction) come first and mining
+    adds ``n_negatives`` minus their number, never one of them again; a record with enough of its own is not mined
+    and keeps its teacher scores; the re-check scores the own negatives too. Counted: own negatives, records not
+    mined, records short."""
+    from dataclasses import replace
+
+    from me5.embed.teacher import CrossEncoderScorer
+
+    recs = [{**r, "negatives": r["negatives"][: i % 4]} for i, r in enumerate(env["records"])]  # 0..3 of their own
+    exs = examples(recs)
+    exs[3] = replace(exs[3], teacher_scores=(1.0, 0.5, 0.4, 0.3))  # 3 of its own: nothing to mine
+    opts = MineOptions(n_negatives=3, range_max=30, perc_pos=0.97, embed_shard_rows=64, shard_rows=20)
+    assert opts.own_negatives == "keep"
+    plan = plan_mining(exs, opts, name="fx")
+    res = mine(plan, env["encoder"], env["tokenizer"], tmp_path / "out", options=opts, prompts=E5)
+    q, c = embeddings(env, tmp_path / "out", recs)
+    ref = reference(q, c, recs, plan.corpus_texts, opts)
+    got = read_out(tmp_path / "out")
+    for r, want in zip(recs, ref, strict=True):
+        ex = got[r["query"]]
+        assert list(ex.negatives) == r["negatives"] + [plan.corpus_texts[j] for j in want["negs"]], r["query"]
+        assert len(set(ex.negatives)) == len(ex.negatives)  # an own negative is never mined again
+    assert got[recs[3]["query"]].teacher_scores == pytest.approx((1.0, 0.5, 0.4, 0.3), abs=1e-6)  # float32 shards
+    assert all(got[r["query"]].teacher_scores is None for i, r in enumerate(recs) if i % 4 != 3)  # changed
+    counts = res.stats["counts"]
+    assert counts["negatives/own"] == sum(len(r["negatives"]) for r in recs) == 72
+    assert counts["records/not_mined"] == 12
+    assert counts["negatives"] == sum(len(w["negs"]) for w in ref)
+    assert counts["records/short"] == sum(len(r["negatives"]) + len(w["negs"]) < 3 for r, w in zip(recs, ref, strict=True))
+    assert counts["excluded/own_negative"] == sum(len(w["excluded"]) for w in ref) - counts["excluded/positive"] > 0
+    # the teacher re-check: scores for the positive, the own negatives and the mined ones
+    scorer = CrossEncoderScorer.from_pretrained(str(env["teacher"]), device="cpu", max_length=128)
+    small = replace(opts, range_max=10)  # 8 records: 20 passages
+    plan = plan_mining(exs[:8], small, name="fx")
+    mine(plan, env["encoder"], env["tokenizer"], tmp_path / "ce", options=small, prompts=E5, scorer=scorer)
+    for r in recs[:8]:
+        ex = read_out(tmp_path / "ce")[r["query"]]
+        assert list(ex.negatives[: len(r["negatives"])]) == r["negatives"]
+        want = scorer.score([r["query"]] * (1 + len(ex.negatives)), [r["positive"], *ex.negatives])
+        np.testing.assert_allclose(ex.teacher_scores, want, rtol=0, atol=5e-5)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -417,7 +466,7 @@ def test_same_negatives_as_sentence_transformers_mine_hard_negatives(env, tmp_pa
     from datasets import Dataset
     from sentence_transformers.util import mine_hard_negatives
 
-    opts = MineOptions(n_negatives=4, range_min=0, range_max=20, perc_pos=0.95, embed_shard_rows=64)
+    opts = MineOptions(n_negatives=4, range_min=0, range_max=20, perc_pos=0.95, embed_shard_rows=64, own_negatives="replace")
     plan, _ = run_mine(env, tmp_path / "out", opts)
     ours = read_out(tmp_path / "out")
     recs = env["records"]

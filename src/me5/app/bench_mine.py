@@ -130,8 +130,9 @@ def bench_me5(records, retriever: Path, work: Path, *, label: str, index: str, p
 
     settings = read_model_settings(str(retriever))
     encoder, tokenizer, dev = load_model(str(retriever), settings, str(device))
+    # own_negatives="replace": sentence-transformers' mine_hard_negatives mines every negative afresh
     opts = MineOptions(n_negatives=n, range_max=range_max, perc_pos=0.95, index=index, index_params=params,
-                       search="faiss" if index != "Flat" else "exact", max_batch=batch,
+                       own_negatives="replace", search="faiss" if index != "Flat" else "exact", max_batch=batch,
                        precision="fp16" if device.type == "cuda" else "fp32")
     plan = plan_mining(records, opts, name="bench")
     times = []

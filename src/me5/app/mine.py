@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--absolute-margin", type=_optional_float, default=None,
                    help="drop candidates scoring above the positive's score minus this")
     p.add_argument("--sampling", choices=("top", "random"), default="top")
+    p.add_argument("--own-negatives", choices=("keep", "replace"), default="keep",
+                   help="a record's own negatives: keep them first and mine the rest up to --n (default; NLI keeps its "
+                        "contradiction), or replace them by --n mined ones (sentence-transformers' mine_hard_negatives)")
     p.add_argument("--teacher", default=None, help="re-check with this cross-encoder (drop candidates it scores "
                                                    "above the positive) and write its scores")
     p.add_argument("--teacher-max-length", type=int, default=512)
@@ -141,7 +144,7 @@ def run(args: argparse.Namespace):
         query_max_length=args.query_max_length, passage_max_length=args.passage_max_length,
         max_batch=args.batch_size, max_tokens=args.max_tokens, precision=args.precision,
         embed_shard_rows=args.embed_shard_rows, shard_rows=args.shard_rows, row_group_rows=args.row_group_rows,
-        split_langs=args.split_langs, max_shards=args.max_shards)
+        split_langs=args.split_langs, max_shards=args.max_shards, own_negatives=args.own_negatives)
     opts.check()
     if args.corpus is not None:
         check_corpus_file(args.corpus)

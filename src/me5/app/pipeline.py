@@ -8,11 +8,12 @@ run) happens before it has passed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +42,13 @@ def build(node, **kwargs):
         raise
 
 
+def selected_stages(cfg) -> list[str]:
+    """The stages the ``stage`` group selected: the ``stages.<name>`` nodes with a ``module``. An experiment that
+    sets a field of both stages (``stages.finetune.chunk_tokens``) leaves a partial node for a stage that
+    ``stage=[pretrain]`` does not run; it is not a stage of the run."""
+    return [s for s, node in (cfg.get("stages") or {}).items() if node is not None and "module" in node]
+
+
 def stage_order(stages) -> list[str]:
     """The configured stages in pipeline order."""
     return [s for s in STAGES if s in stages]
@@ -51,10 +59,10 @@ EVAL_AFTER = ("shared", "job")  # see conf/config.yaml eval_after
 
 def validate_config(cfg) -> list[str]:
     """Reject unknown or contradictory settings before anything is built; each error names its field."""
-    stages = list(cfg.get("stages") or {})
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in (cfg.get("stages") or {}) if s not in STAGES]
     if unknown:
         raise ConfigError(f"stages.{unknown[0]}", f"unknown stage; stages are {list(STAGES)}")
+    stages = selected_stages(cfg)
     if not stages:
         raise ConfigError("stage", "no stage selected (e.g. stage=[pretrain,finetune])")
     terms = cfg.loss.get("terms") or {}
@@ -68,6 +76,7 @@ def validate_config(cfg) -> list[str]:
         if OmegaConf.is_missing(cfg, key):
             raise ConfigError(str(key), f"must be given (e.g. {key}=<run dir>/export/pretrain): see the experiment")
     build(cfg.prompts)  # an unknown prompt style names prompts.style
+    evaluated_stages(cfg.get("eval_stages", "all"), stage_order(stages))
     if cfg.get("eval_after", "shared") not in EVAL_AFTER:
         raise ConfigError("eval_after", f"unknown '{cfg.eval_after}'; choose one of {list(EVAL_AFTER)}")
     if float(cfg.loss.temperature) <= 0:
@@ -86,6 +95,22 @@ def validate_config(cfg) -> list[str]:
             raise ConfigError(f"stages.{s}.n_negatives", "must be >= 0")
         BatchPlan.build(**_plan_fields(scfg), world_size=1, where=f"stages.{s}")  # field checks; world size later
     return stages
+
+
+def evaluated_stages(eval_stages, stages: list[str]) -> list[str]:
+    """The stages of this run after which the eval group runs. ``eval_stages``: ``all``, ``last`` (this run's
+    last stage), or a list of stage names (``[finetune]``: a stage-1-only run of a split pipeline evaluates
+    nothing, the stage-2 run the final model)."""
+    if eval_stages in (None, "all"):
+        return list(stages)
+    if eval_stages == "last":
+        return list(stages[-1:])
+    if isinstance(eval_stages, str) or not all(isinstance(s, str) for s in eval_stages):
+        raise ConfigError("eval_stages", f"choose all, last or a list of stage names, got {eval_stages!r}")
+    unknown = [s for s in eval_stages if s not in STAGES]
+    if unknown:
+        raise ConfigError("eval_stages", f"unknown stage '{unknown[0]}'; stages are {list(STAGES)}")
+    return [s for s in stages if s in eval_stages]
 
 
 def _check_schedule(scfg, where: str) -> None:
@@ -130,46 +155,124 @@ class RunPlan:
     plans: dict[str, BatchPlan]
     datamodules: dict
     prompts: object
+    # the sample data folder when the tiny model's tokenizer or the sample evaluation reads it and no source of
+    # the run generates it (data=files with model=tiny): the app generates it before anything else
+    generate_sample: list[Path] = field(default_factory=list)
 
 
-def check_run(cfg: DictConfig) -> RunPlan:
-    """Every check that needs no data and no model, in the order a user would fix them (see module docstring)."""
+def check_run(cfg: DictConfig, *, world_size: int | None = None) -> RunPlan:
+    """Every check that needs no model, in the order a user would fix them (see module docstring); the data is
+    looked at only in its first records. ``world_size``: plan for it instead of building the configured Trainer
+    (the dry run on a machine without the accelerator)."""
     stages = stage_order(validate_config(cfg))
     prompts = build(cfg.prompts)
-    plans = batch_plans(cfg, stages, trainer_world_size(cfg.trainer))
+    plans = batch_plans(cfg, stages, world_size if world_size is not None else trainer_world_size(cfg.trainer))
     datamodules = {s: build(cfg.data[s]) for s in stages}
     generated: list[Path] = []
     for dm in datamodules.values():
         dm.check()
         generated += [Path(p) for src in dm.sources().values() for p in src.generates()]
+    sample = sample_data_needed(cfg, generated)
+    generated += sample
     for name, ev in (cfg.eval or {}).items():
         data = ev.get("data")
         # retrieval: data.data_dir (a load_beir node); bitext: data (the folder itself)
-        data_dir, field = (data.get("data_dir"), "data.data_dir") if isinstance(data, Mapping) else (data, "data")
+        data_dir, key = (data.get("data_dir"), "data.data_dir") if isinstance(data, Mapping) else (data, "data")
         if data_dir is not None and not Path(data_dir).is_dir() and not _inside(Path(data_dir), generated):
-            raise DataError(f"no such evaluation data folder (eval.{name}.{field})", file=str(data_dir))
+            raise DataError(f"no such evaluation data folder (eval.{name}.{key})", file=str(data_dir))
+    check_eval_inputs(cfg.eval)
     for s in stages:
         check_init_from(cfg.stages[s].get("init_from"), f"stages.{s}.init_from")
+    for s in stages:  # the first records of every source: a malformed one is named before anything starts
+        check_first_records(datamodules[s], s)
     for s in stages:  # stage 2's needs are checked before stage 1 trains, not when stage 2 builds its data
+        loss = build_loss(cfg.loss.terms, s)
+        check_group_sizes(datamodules[s], s, n_negatives=int(cfg.stages[s].n_negatives),
+                          min_group_size=loss.min_group_size)
         check_stage_needs(datamodules[s], s, n_negatives=int(cfg.stages[s].n_negatives),
-                          require_teacher=build_loss(cfg.loss.terms, s).requires_teacher)
-    return RunPlan(stages, plans, datamodules, prompts)
+                          require_teacher=loss.requires_teacher)
+    return RunPlan(stages, plans, datamodules, prompts, sample)
+
+
+def sample_data_needed(cfg, generated) -> list[Path]:
+    """``[paths.sample_dir]`` when something besides the data reads the generated sample data (the tiny model's
+    tokenizer is trained on it; ``eval=sample`` is its held-out split), no source of the run generates it and it
+    is not there yet; else ``[]``. The folder must be safe to generate into."""
+    from me5.data.synthetic import check_sample_folder
+
+    sample = Path(str(cfg.paths.sample_dir))
+    readers = [str((cfg.model.get("tokenizer") or {}).get("data_dir", ""))]
+    for ev in (cfg.eval or {}).values():
+        data = ev.get("data")
+        readers.append(str(data.get("data_dir") if isinstance(data, Mapping) else data))
+    needed = any(r and _inside(Path(r), [sample]) for r in readers if r not in ("", "None"))
+    if not needed or _inside(sample, generated) or (sample / "pretrain.jsonl").is_file():
+        return []
+    check_sample_folder(sample)
+    return [sample]
+
+
+FIRST_RECORDS = 256  # records of every source read (strictly) before the run starts
+
+
+def check_first_records(datamodule, stage: str, *, n: int = FIRST_RECORDS) -> dict[str, dict[str, int]]:
+    """Read and classify the first ``n`` records of every local source of ``stage`` as training will (strict
+    sources raise the :class:`DataError` naming file:line and field): a malformed record there stops the run
+    before any logger, W&B run or training. Returns ``{source: counts}`` (empty for a hub id or data a source
+    generates when the run starts)."""
+    from collections import Counter
+
+    from me5.data.readers import iter_records, resolve_files
+
+    out: dict[str, dict[str, int]] = {}
+    for name, src in datamodule.sources().items():
+        if src.generates() or resolve_files(src.path, src.data_files) is None:
+            continue
+        classify = src.classifier()
+        counts: Counter = Counter()
+        for file, line, record in iter_records(src.path, data_files=src.data_files, name=src.hub_config,
+                                               split=src.split, errors="raise" if classify.strict else "yield"):
+            classify(record, file, line, counts)
+            if counts["read"] >= n:
+                break
+        out[name] = dict(counts)
+    return out
+
+
+def check_group_sizes(datamodule, stage: str, *, n_negatives: int, min_group_size: int) -> dict[str, int]:
+    """One group size per batch (:meth:`~me5.data.PairDataModule.check_group_sizes`) and every source's group
+    (1 + its hard negatives) at least what the loss needs (distillation: 2). Returns the negatives per source."""
+    per = datamodule.check_group_sizes(n_negatives, where=f"stages.{stage}.n_negatives")
+    for name, k in per.items():
+        if 1 + k < min_group_size:
+            own = datamodule.sources()[name].n_negatives is not None
+            raise ConfigError(f"data.{stage}.sources.{name}.n_negatives" if own else f"stages.{stage}.n_negatives",
+                              f"{k} hard negatives: the loss of stage {stage} needs groups of at least "
+                              f"{min_group_size} passages (the kd term distils over the positive and its negatives)")
+    return per
 
 
 def check_stage_needs(datamodule, stage: str, *, n_negatives: int, require_teacher: bool, sample: int = 64) -> None:
-    """Every source of the stage must carry what the loss needs: ``n_negatives`` hard negatives and, for
-    distillation, teacher scores. A source whose first ``sample`` records all lack them is an error naming the
-    source, what it lacks and the command that makes it (``me5.mine``, ``me5.score``)."""
-    if not (n_negatives or require_teacher):
-        return
+    """Every source of the stage must carry what the loss needs: its hard negatives (the source's own
+    ``n_negatives``, else the stage's) and, for distillation, teacher scores. A source whose first ``sample``
+    records all lack them is an error naming the source, what it lacks and the command that makes it
+    (``me5.mine``, ``me5.score``)."""
+    per = datamodule.negatives_per_source(n_negatives)
     for name, src in datamodule.sources().items():
-        got = src.shortfall(n_negatives=n_negatives, require_teacher=require_teacher, sample=sample)
+        n_neg = per[name]
+        if not (n_neg or require_teacher):
+            continue
+        got = src.shortfall(n_negatives=n_neg, require_teacher=require_teacher, sample=sample)
         if not got or got["read"] == 0 or got["kept"] > 0:
             continue
         lacks, make = [], []
         if got["too_few_negatives"]:
-            lacks.append(f"{n_negatives} hard negatives (stages.{stage}.n_negatives)")
-            make.append(f"python -m me5.mine --data {src.path} --model <stage-1 export> --n {n_negatives} --out <mined>")
+            field = f"data.{stage}.sources.{name}.n_negatives" if src.n_negatives is not None else \
+                f"stages.{stage}.n_negatives"
+            n_negatives = n_neg
+            lacks.append(f"{n_neg} hard negatives ({field})")
+            make.append(f"python -m me5.mine {_mine_input(src)} --model <stage-1 export> --n {n_negatives} "
+                        f"--out <mined>")
         if require_teacher:  # mined shards carry no teacher scores either: scoring comes after mining
             lacks.append("teacher scores (the kd loss term)")
             make.append(f"python -m me5.score --data {'<mined>' if make else src.path} --out <scored>")
@@ -177,6 +280,40 @@ def check_stage_needs(datamodule, stage: str, *, n_negatives: int, require_teach
                         f"{' and '.join(lacks)}; make them first: {' ; '.join(make)} and point data.{stage} "
                         f"at the result (or lower stages.{stage}.n_negatives / drop the kd term)",
                         file=str(src.path))
+
+
+def check_eval_inputs(eval_cfg) -> None:
+    """What the evaluation needs besides its folders (:func:`~me5.app.pipeline.check_run` checks those): each
+    retrieval language's folder, and the ``mteb`` package and task names for an MTEB evaluator."""
+    for name, node in (eval_cfg or {}).items():
+        target = str(node.get("_target_", ""))
+        data = node.get("data")
+        if node.get("languages") and isinstance(data, Mapping) and data.get("data_dir") is not None:
+            root = Path(str(data.data_dir))
+            missing = [lang for lang in node.languages if not (root / lang).is_dir()]
+            if missing:
+                raise DataError(f"eval.{name}: no folder for {len(missing)} of {len(node.languages)} languages "
+                                f"({', '.join(missing)}); `python -m me5.app.convert_miracl --help` writes them",
+                                file=str(root / missing[0]))
+        if target.endswith("MtebEvaluator"):
+            if importlib.util.find_spec("mteb") is None:
+                raise ConfigError(f"eval.{name}", "the mteb package is not installed (pip install mteb)")
+            from me5.eval.mteb import resolve_tasks
+            from me5.eval.paper import PAPER_MTEB_EN
+
+            tasks = node.get("tasks", "paper")
+            names = list(PAPER_MTEB_EN) if tasks == "paper" else [tasks] if isinstance(tasks, str) else list(tasks)
+            resolve_tasks(names)
+
+
+def _mine_input(src) -> str:
+    """The ``me5.mine`` arguments that read ``src`` as training does: ``--data`` for files in the normalised schema,
+    ``--source <class> --raw <path>`` for a source class reading its raw layout."""
+    from me5.data.source import Source
+
+    if type(src) is Source or src.reads_prepared():
+        return f"--data {src.path}"
+    return f"--source {type(src).__module__}.{type(src).__qualname__} --raw {src.path}"
 
 
 def _inside(path: Path, roots) -> bool:
@@ -189,6 +326,9 @@ def check_init_from(init_from, field: str) -> None:
         return
     path = Path(str(init_from))
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(field, f"'{path}' has no config.json: not an exported model folder (a stage's "
+                                     "export is <run dir>/export/<stage>, written when the stage finished)")
         return
     if path.suffix == ".ckpt":
         if not path.is_file():
@@ -197,17 +337,35 @@ def check_init_from(init_from, field: str) -> None:
     raise ConfigError(field, f"'{path}' is neither an exported model folder nor a .ckpt file")
 
 
+def encoder_settings(encoder_factory) -> dict:
+    """Every field of the ``model.encoder`` node that :meth:`Encoder.from_pretrained` (the loader of an export
+    folder) accepts: pooling, normalisation, ``include_prompt``, autocast, attention, checkpointing and any field
+    added to the loader later; not the backbone's shape (``from_scratch``'s ``num_hidden_layers``, ...) nor
+    ``name_or_path`` / ``tokenizer``, which the folder gives."""
+    import inspect
+
+    from me5.models.encoder import Encoder
+
+    accepted = {name for name, prm in inspect.signature(Encoder.from_pretrained).parameters.items()
+                if prm.kind in (prm.KEYWORD_ONLY, prm.POSITIONAL_OR_KEYWORD)} - {"self", "cls", "name_or_path",
+                                                                                 "tokenizer"}
+    return {k: v for k, v in encoder_factory.items() if k in accepted}
+
+
 def build_encoder(encoder_factory, tokenizer, *, init_from: str | None = None, previous=None):
-    """The stage's encoder: the previous stage's (same job), ``init_from`` (HF folder or .ckpt), or the config's."""
+    """The stage's encoder: the previous stage's (same job), ``init_from`` (HF folder or .ckpt), or the config's.
+
+    From an export folder the weights are the folder's and every ``model.encoder`` setting the folder loader
+    accepts is the config's (:func:`encoder_settings`): a stage started from an export pools, normalises and
+    runs exactly as one built from the config."""
     from me5.models.encoder import Encoder
 
     if init_from is None and previous is not None:
         return previous
-    kwargs = {k: v for k, v in encoder_factory.items() if k in ("pooling", "normalize", "attn_implementation", "gradient_checkpointing")}
     if init_from is not None:
         path = Path(str(init_from))
         if path.is_dir():
-            return Encoder.from_pretrained(str(path), tokenizer=tokenizer, **kwargs)
+            return Encoder.from_pretrained(str(path), tokenizer=tokenizer, **encoder_settings(encoder_factory))
         encoder = build(encoder_factory)(tokenizer=tokenizer)
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})

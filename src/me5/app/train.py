@@ -1,9 +1,11 @@
 """The Hydra application: ``python -m me5.train [overrides]``.
 
-Checks the whole configuration first (fields, schedules, batch plans on the trainer's world size, data paths,
-evaluation folders: :func:`me5.app.pipeline.check_run`), then runs the configured stages in order (default:
-pre-training, then fine-tuning from its weights), evaluates the untrained encoder and each stage's result,
-exports each stage's encoder, and writes ``metrics.json`` and a results table into the run folder.
+Checks the whole configuration first (fields, schedules, batch plans on the trainer's world size, data paths, the
+first records of every source, the stage-2 needs, evaluation inputs: :func:`me5.app.pipeline.check_run`;
+``dry_run=true`` stops there and prints the plan, :mod:`me5.app.dry_run`), then runs the configured stages in
+order (default: pre-training, then fine-tuning from its weights), evaluates the untrained encoder and the result
+of each stage of ``eval_stages``, exports each stage's encoder, and writes ``metrics.json`` and a results table
+into the run folder.
 """
 
 from __future__ import annotations
@@ -41,8 +43,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console entry point; a bad config or bad data exits 2 with the message, no traceback."""
+    """Console entry point; a bad config or bad data exits 2 with the message, no traceback. ``dry_run=true`` on
+    the command line checks and plans the run without Hydra's run folder (:mod:`me5.app.dry_run`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from me5.app import dry_run
+
+    if dry_run.requested(sys.argv[1:]):
+        sys.exit(dry_run.main(sys.argv[1:]))
     try:
         _hydra_main()
     finally:  # multi-process runs: no gloo teardown abort at exit (see me5.distributed.shutdown_process_group)
@@ -62,6 +69,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         build_loss,
         check_run,
         evaluate_all,
+        evaluated_stages,
         finish_loggers,
         write_results,
     )
@@ -70,8 +78,18 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
     tidy_console()
     plan = check_run(cfg)  # every check before any heavy work: a failed one leaves only Hydra's files behind
+    if cfg.get("dry_run"):  # set in a config file (the command line's dry_run=true never reaches Hydra: main)
+        from me5.app.dry_run import describe
+
+        print(describe(cfg, plan), flush=True)
+        return {}
+    eval_after_stage = set(evaluated_stages(cfg.get("eval_stages", "all"), plan.stages))
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for folder in plan.generate_sample:  # the tiny tokenizer / sample evaluation beside data of your own
+        from me5.data.synthetic import generate_sample_data
+
+        generate_sample_data(folder, seed=0)
     L.seed_everything(cfg.seed, workers=True)
     config = resolved_config(cfg)
     meta = {"git": git_info(), "run_dir": str(out_dir), "command": " ".join(sys.argv)}
@@ -98,8 +116,9 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         datamodule.prepare_data()  # generates the sample data (the sample tokenizer is trained on it)
         if tokenizer is None:
             tokenizer = build(cfg.model.tokenizer)
-        if evaluators is None:
-            evaluators = {k: build(v, prompts=plan.prompts) for k, v in cfg.eval.items()}
+        if evaluators is None:  # none built when this run evaluates nothing (a stage-1 run of a split pipeline)
+            wanted = eval_after_stage or cfg.eval_baseline or any(cfg.stages[s].val_every for s in plan.stages)
+            evaluators = {k: build(v, prompts=plan.prompts) for k, v in cfg.eval.items()} if wanted else {}
         encoder = build_encoder(cfg.model.encoder, tokenizer, init_from=scfg.init_from, previous=encoder)
         meta["parameters"] = parameter_counts(encoder)
         at_start = []
@@ -122,6 +141,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
             tokenizer, batch_plan=batch_plan, n_negatives=scfg.n_negatives, require_teacher=loss.requires_teacher,
             query_max_length=scfg.query_max_length, passage_max_length=scfg.passage_max_length, prompts=plan.prompts,
         )
+        if not datamodule.is_streaming():  # in-memory data is read (a bad record found) before any logger starts
+            datamodule.setup("fit")
         module = build(scfg.module, encoder=encoder, loss=loss, tokenizer=tokenizer,
                        evaluators=evaluators if scfg.val_every else {},
                        chunk_rows=batch_plan.chunk_rows, chunk_tokens=batch_plan.chunk_tokens)
@@ -154,7 +175,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         for lg in trainer.loggers:
             lg.log_metrics({f"data/{k}": float(v) for k, v in data_counts[name].items()}, step=trainer.global_step)
         timings[f"{name}/train_s"] = round(time.perf_counter() - t0, 1)
-        if evaluators and cfg.eval_after == "shared":  # every rank: each encodes and searches its part
+        if evaluators and cfg.eval_after == "shared" and name in eval_after_stage:  # each rank its part
             results[name] = evaluate_all(evaluators, encoder, tokenizer)
             if trainer.is_global_zero:
                 for lg in trainer.loggers:
@@ -163,7 +184,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
             export_dir = out_dir / "export" / name
             encoder.save_pretrained(export_dir, tokenizer, prompts=plan.prompts,
                                     extra_metadata={"stage": name, "git": meta["git"]})
-            if evaluators and cfg.eval_after == "job":
+            if evaluators and cfg.eval_after == "job" and name in eval_after_stage:
                 log.info("evaluate the %s export with its own job: %s", name, write_eval_job(out_dir, name))
         finish_loggers(trainer.loggers)
         if trainer.is_global_zero:  # the stage is complete: a rerun skips it and reads its results back

@@ -125,12 +125,14 @@ class PairDataModule(L.LightningDataModule):
     def from_path(cls, path: str | Sequence[str], *, name: str = "files", data_files: str | Sequence[str] | None = None,
                   lang: str | None = None, symmetric: bool | None = None, task: str | None = None,
                   instruction: str | None = None, strict: bool = True, max_examples: int | None = None,
-                  max_chars: int | None = None, **kwargs) -> PairDataModule:
+                  max_chars: int | None = None, long_texts: str = "truncate", n_negatives: int | None = None,
+                  **kwargs) -> PairDataModule:
         """One source of files in the normalised schema (``query``, ``positive``, optional ``negatives``,
         ``teacher_scores``, ``lang``): a jsonl(.gz)/parquet file, a folder of them, or a ``me5.prepare`` folder.
         ``kwargs``: the loader options of :class:`PairDataModule`."""
         source = Source(str(path), name=name, data_files=data_files, lang=lang, symmetric=symmetric, task=task,
-                        instruction=instruction, strict=strict, max_examples=max_examples, max_chars=max_chars)
+                        instruction=instruction, strict=strict, max_examples=max_examples, max_chars=max_chars,
+                        long_texts=long_texts, n_negatives=n_negatives)
         return cls({name: source}, **kwargs)
 
     # ------------------------------------------------------------------ sources and weights
@@ -194,18 +196,40 @@ class PairDataModule(L.LightningDataModule):
         b = float(self.lang_temperature_alpha)
         return {n: {lang: float(c) ** b for lang, c in self.lang_sizes(n).items() if c > 0} for n in self._sources}
 
+    def negatives_per_source(self, n_negatives: int) -> dict[str, int]:
+        """The hard negatives each source's examples take: its own ``n_negatives``, else the stage's."""
+        return {n: int(src.n_negatives) if src.n_negatives is not None else int(n_negatives)
+                for n, src in self._sources.items()}
+
+    def check_group_sizes(self, n_negatives: int, *, where: str = "stages.<stage>.n_negatives") -> dict[str, int]:
+        """Every batch holds one group size (1 + hard negatives: the collator and the losses need it), so sources
+        whose counts differ need ``homogeneous`` batches. Returns :meth:`negatives_per_source`; a mixed batch that
+        could hold two group sizes is a :class:`ConfigError` naming the sources."""
+        per = self.negatives_per_source(n_negatives)
+        drawn = {n: k for n, k in per.items() if self._weights is None or self._weights.get(n, 0) > 0}
+        if len(set(drawn.values())) > 1 and not self.homogeneous:
+            by_count: dict[int, list[str]] = {}
+            for n, k in drawn.items():
+                by_count.setdefault(k, []).append(n)
+            groups = "; ".join(f"{k}: {', '.join(v[:4])}{' ...' if len(v) > 4 else ''}" for k, v in sorted(by_count.items()))
+            raise ConfigError("data.homogeneous", f"the sources take different numbers of hard negatives ({groups}; "
+                              f"the stage's is {where}={n_negatives}) and a batch holds one group size: set "
+                              "homogeneous=true (one source per global batch) or give them one count")
+        return per
+
     # ------------------------------------------------------------------ Lightning hooks
     def connect(self, tokenizer, *, batch_plan: BatchPlan, n_negatives: int = 0, require_teacher: bool = False,
                 query_max_length: int = 64, passage_max_length: int = 128,
                 prompts: PromptPolicy | None = None) -> None:
         """Runtime inputs that exist only once the model and the world size do (litgpt's ``connect``)."""
         prompts = prompts or PromptPolicy("e5")
+        per = self.check_group_sizes(n_negatives)
         self._connected = dict(
             tokenizer=tokenizer, batch_plan=batch_plan, query_max_length=query_max_length,
             passage_max_length=passage_max_length,
-            classifiers={n: src.classifier(n_negatives=n_negatives, require_teacher=require_teacher)
+            classifiers={n: src.classifier(n_negatives=per[n], require_teacher=require_teacher)
                          for n, src in self._sources.items()},
-            formatters={n: ItemFormatter.for_source(src, prompts, n_negatives=n_negatives)
+            formatters={n: ItemFormatter.for_source(src, prompts, n_negatives=per[n])
                         for n, src in self._sources.items()},
         )
 

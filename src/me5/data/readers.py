@@ -65,11 +65,13 @@ GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 def resolve_files(path: str | os.PathLike, data_files: str | Sequence[str] | None = None) -> list[Path] | None:
     """Local files for ``path`` (a file, a folder, or a folder + glob patterns); ``None`` for a hub id.
 
-    A path that looks local (exists, has a data suffix, or starts with ``.``/``/``) but matches nothing is an error,
-    so a typo never silently turns into a hub lookup.
+    A path that looks local (exists, has a data suffix, starts with ``.``/``/``, or has more than one ``/``: a hub
+    id is ``namespace/name``) but matches nothing is an error, so a typo or data not fetched yet never silently
+    turns into a hub lookup.
     """
     p = Path(path)
-    looks_local = p.exists() or str(path).endswith(LOCAL_SUFFIXES) or str(path).startswith((".", "/", "~"))
+    looks_local = (p.exists() or str(path).endswith(LOCAL_SUFFIXES) or str(path).startswith((".", "/", "~"))
+                   or str(path).count("/") > 1)
     if not looks_local:
         return None
     if data_files is not None:

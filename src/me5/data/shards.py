@@ -418,6 +418,8 @@ def format_stats(stats: Mapping[str, Mapping]) -> str:
         c = st["counts"]
         skipped = {k.split("/", 1)[1]: v for k, v in c.items() if k.startswith("skipped/")}
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1]))
+        if c.get("truncated/too_long"):  # kept, cut to max_chars
+            reasons = ", ".join(filter(None, (reasons, f"(kept, truncated {c['truncated/too_long']})")))
         rows.append((name, "*", str(c.get("read", 0)), str(c.get("kept", 0)), str(sum(skipped.values())), reasons))
         for lang, lc in st["langs"].items():
             ls = {k.split("/", 1)[1]: v for k, v in lc.items() if k.startswith("skipped/")}

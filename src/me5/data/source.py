@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from me5.data.readers import SHARDS_MANIFEST, count_lines, iter_records, list_units, resolve_files
-from me5.data.records import RecordClassifier
+from me5.data.records import RecordClassifier, check_long_texts
 from me5.data.schema import PairExample
 from me5.data.stream import Leaf
 from me5.errors import ConfigError, DataError
@@ -41,7 +41,14 @@ class Source:
         hub_config / split: the hub dataset's config name and split.
         lang: the language of records that do not carry one.
         max_examples: read at most this many kept examples (``None``: all; in-memory path only).
-        max_chars: skip (and count) examples whose query or any passage is longer than this many characters.
+        max_chars: cut a query or passage longer than this many characters (at a word boundary), keeping the
+            record (counted ``truncated/too_long``), or skip the record: see ``long_texts``.
+        long_texts: ``"truncate"`` (default: no data lost) or ``"drop"`` (``skipped/too_long``) for a text over
+            ``max_chars``. A source's own published filter (E5's Reddit comments over 4096 characters) is its own.
+        n_negatives: the hard negatives this source's examples take (``None``: the stage's
+            ``stages.<stage>.n_negatives``). E5's NLI recipe is the contradiction as the one hard negative:
+            ``n_negatives: 1`` on the NLI source. A batch holds one group size, so sources with their own count
+            need ``homogeneous`` batches (one source per global batch); the DataModule checks it.
         symmetric: both sides are the same kind of text (NLI, paraphrase, bitext): both get the query prompt
             (``me5.prompts``).
         task: the key of the source's task definition in :data:`me5.prompts.TASKS` (the instruct prompt style).
@@ -69,6 +76,8 @@ class Source:
         lang: str | None = None,
         max_examples: int | None = None,
         max_chars: int | None = None,
+        long_texts: str = "truncate",
+        n_negatives: int | None = None,
         symmetric: bool | None = None,
         task: str | None = None,
         instruction: str | None = None,
@@ -85,7 +94,15 @@ class Source:
         self.split = split
         self.lang = lang or self.default_lang
         self.max_examples = max_examples
+        if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1):
+            raise ConfigError(f"data.sources.{name or self.source_name}.max_chars", f"must be an integer >= 1, got {max_chars!r}")
         self.max_chars = max_chars
+        self.long_texts = check_long_texts(long_texts, f"data.sources.{name or self.source_name}.long_texts")
+        if n_negatives is not None and (isinstance(n_negatives, bool) or not isinstance(n_negatives, int)
+                                        or n_negatives < 0):
+            raise ConfigError(f"data.sources.{name or self.source_name}.n_negatives",
+                              f"must be an integer >= 0 or null, got {n_negatives!r}")
+        self.n_negatives = n_negatives
         if symmetric is not None:
             self.symmetric = symmetric
         if task is not None:

@@ -32,9 +32,16 @@ For every record, in order:
    next survivor in pick order is tried, until ``n_negatives`` pass or none is left. The records then carry
    these teacher scores (positive first), the ones :mod:`me5.embed.teacher` would write.
 
-The mined negatives (in rank order) replace the record's own; a record's teacher scores are kept only when the
-re-check wrote new ones. A record with fewer survivors than ``n_negatives`` keeps what it got
-(``records/short``; the training loader skips it as ``too_few_negatives`` if the stage needs more).
+A record keeps its own negatives first (NLI's contradiction, a dataset's BM25 negatives: ``negatives/own``) and
+mining fills up to ``n_negatives`` after them (``negatives``: the mined ones, in pick order); a record with
+``n_negatives`` or more of its own is not mined. Its own negatives are never mined again (they are excluded like
+its positives, ``excluded/own_negative``) and the teacher re-check does not drop them (they are the data's
+labels). Teacher scores: with the re-check, the positive, the own negatives (scored too) and the mined ones;
+without it, a record's own scores are kept when nothing was added, else dropped (``me5.score`` writes them). A
+record with fewer than ``n_negatives`` in all (``records/short``: the corpus window had too few survivors) keeps
+what it got; the training loader skips it as ``too_few_negatives`` if the stage needs more, or the source sets
+its own count (``n_negatives`` of a :class:`~me5.data.source.Source`). ``own_negatives="replace"`` mines
+``n_negatives`` for every record and drops its own (sentence-transformers' ``mine_hard_negatives``).
 
 Corpus: by default the source's own passages (positives and negatives of every record, deduplicated, in order
 of first appearance); else a file: BEIR ``corpus.jsonl`` (``_id``, ``title``, ``text``; ``.jsonl.gz`` or a
@@ -96,6 +103,7 @@ log = logging.getLogger(__name__)
 
 SAMPLING = ("top", "random")
 MISSING_POSITIVE = ("report", "skip", "error")
+OWN_NEGATIVES = ("keep", "replace")
 PROGRESS = "_progress"
 JOB = "job.json"
 FORMAT = 1
@@ -129,9 +137,14 @@ class MineOptions:
     row_group_rows: int = 10_000
     split_langs: bool = False  # single-language row groups (language temperature when streaming)
     max_shards: int | None = None  # write at most this many output shards, then stop (resume later)
+    # a record's own negatives: "keep" them first and mine the rest up to n_negatives (the recipe: NLI keeps its
+    # contradiction); "replace" them by n_negatives mined ones (sentence-transformers' mine_hard_negatives)
+    own_negatives: str = "keep"
 
     def check(self) -> None:
         """Reject bad values before any data is read; errors name the ``mine.<field>``."""
+        if self.own_negatives not in OWN_NEGATIVES:
+            raise ConfigError("mine.own_negatives", f"unknown '{self.own_negatives}'; choose one of {list(OWN_NEGATIVES)}")
         if self.n_negatives < 1:
             raise ConfigError("mine.n_negatives", f"must be >= 1, got {self.n_negatives}")
         if self.range_min < 0:
@@ -257,8 +270,8 @@ def pick_order(cand_rows_QK: np.ndarray, *, sampling: str, seed: int = 0,
     raise ConfigError("mine.sampling", f"unknown '{sampling}'; choose one of {list(SAMPLING)}")
 
 
-def take(order_QK: np.ndarray, allowed_QK: np.ndarray, n: int) -> np.ndarray:
-    """(Q, K) bool: the first ``n`` allowed columns of each row in ``order_QK``."""
+def take(order_QK: np.ndarray, allowed_QK: np.ndarray, n: int | np.ndarray) -> np.ndarray:
+    """(Q, K) bool: the first ``n`` allowed columns of each row in ``order_QK`` (``n``: one count, or (Q, 1))."""
     rows = np.arange(order_QK.shape[0])[:, None]
     allowed_sorted = allowed_QK[rows, order_QK]
     picked_sorted = allowed_sorted & (np.cumsum(allowed_sorted, axis=1) <= n)
@@ -278,7 +291,8 @@ class Selection:
     teacher_QK: np.ndarray | None = None  # teacher scores of the candidates it scored (nan elsewhere)
     teacher_pos_Q: np.ndarray | None = None
 
-    def counts(self, n_negatives: int) -> Counter:
+    def counts(self, n_negatives: int | np.ndarray) -> Counter:
+        """Counts of the block; ``n_negatives``: the negatives each record is mined for (a number, or (Q,))."""
         c: Counter = Counter()
         c["candidates/window"] += int(self.window.sum())
         c["excluded/positive"] += int(self.excluded.sum())
@@ -293,12 +307,15 @@ class Selection:
 def select_negatives(cand_rows_QK: np.ndarray, cand_scores_QK: np.ndarray, pos_scores_Q: np.ndarray,
                      exclude_QP: np.ndarray, options: MineOptions, *, record_ids_Q: np.ndarray | None = None,
                      teacher: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                     teacher_pos_Q: np.ndarray | None = None) -> Selection:
+                     teacher_pos_Q: np.ndarray | None = None, need_Q: np.ndarray | None = None) -> Selection:
     """Window, guards, sampling and the optional teacher re-check (module docstring, steps 2-5).
 
     ``teacher(q_idx, cols)`` scores the candidates at ``(q_idx[i], cols[i])``; ``teacher_pos_Q`` are the
     teacher's scores of the positives. Only the candidates that are picked get scored, round by round.
+    ``need_Q``: how many negatives each record is mined for (default ``options.n_negatives``; fewer for a
+    record with negatives of its own).
     """
+    n = options.n_negatives if need_Q is None else np.asarray(need_Q, dtype=np.int64)[:, None]
     window, excluded = candidate_window(cand_rows_QK, exclude_QP, range_min=options.range_min,
                                         range_max=options.range_max)
     dropped = guard_masks(cand_scores_QK, pos_scores_Q, window, perc_pos=options.perc_pos,
@@ -308,13 +325,13 @@ def select_negatives(cand_rows_QK: np.ndarray, cand_scores_QK: np.ndarray, pos_s
         survivors &= ~mask
     order = pick_order(cand_rows_QK, sampling=options.sampling, seed=options.seed, record_ids_Q=record_ids_Q)
     if teacher is None:
-        return Selection(window, excluded, dropped, take(order, survivors, options.n_negatives))
+        return Selection(window, excluded, dropped, take(order, survivors, n))
     if teacher_pos_Q is None:
         raise ValueError("the teacher re-check needs the teacher's scores of the positives")
     t = np.full(cand_rows_QK.shape, np.nan, dtype=np.float32)
     rejected = np.zeros_like(survivors)
     while True:  # each round scores at most n new candidates per record; stops when the picks are all scored
-        chosen = take(order, survivors & ~rejected, options.n_negatives)
+        chosen = take(order, survivors & ~rejected, n)
         need = chosen & np.isnan(t)
         if not need.any():
             break
@@ -335,7 +352,7 @@ class MinePlan:
     corpus_ids: list[str]
     corpus_texts: list[str]
     positive_rows: np.ndarray  # (R,) corpus row of each record's positive, -1 when absent from a corpus file
-    exclude: np.ndarray  # (R, P) rows that are never a record's negatives (-1 padded)
+    exclude: np.ndarray  # (R, P) rows that are never a record's negatives (-1 padded): positives, own negatives
     search_k: int  # results per query: the window's end plus room for the most excluded rows of a query
     instruction: str | None = None
     symmetric: bool = False
@@ -406,7 +423,9 @@ def source_corpus(records: Sequence[PairExample]) -> tuple[list[str], list[str],
 def plan_mining(records: Sequence[PairExample], options: MineOptions, *, corpus: str | os.PathLike | None = None,
                 name: str = "pairs", instruction: str | None = None, symmetric: bool = False,
                 counts: Mapping[str, int] | None = None) -> MinePlan:
-    """Check the job and build its plan: the corpus, each record's positive row and excluded rows.
+    """Check the job and build its plan: the corpus, each record's positive row and excluded rows (every positive
+    of a record with the same query text, the query text itself, and the record's own negatives: it keeps them
+    and is mined for the rest).
 
     Errors (before any embedding): bad options (:meth:`MineOptions.check`), a corpus file that does not exist,
     a positive absent from the corpus file with ``missing_positive="error"``, a window larger than the corpus.
@@ -453,15 +472,17 @@ def plan_mining(records: Sequence[PairExample], options: MineOptions, *, corpus:
     for q, s in by_query.items():
         if q in row_of:
             s.add(row_of[q])
-    most = max(len(s) for s in by_query.values())
+    keep_own = options.own_negatives == "keep"
+    per_record = [sorted(by_query[ex.query] | ({row_of[t] for t in ex.negatives if t in row_of} if keep_own else set()))
+                  for ex in records]
+    most = max(len(rows) for rows in per_record)
     n = len(texts)
     if options.range_max > n - most:
         raise ConfigError("mine.range_max", f"the window ends at rank {options.range_max} but the corpus has only "
                           f"{n} passages ({n - most} besides a query's {most} excluded); lower range_max or give "
                           "a larger corpus")
     exclude = np.full((len(records), max(1, most)), -1, dtype=np.int64)
-    for i, ex in enumerate(records):
-        rows = sorted(by_query[ex.query])
+    for i, rows in enumerate(per_record):
         exclude[i, : len(rows)] = rows
     return MinePlan(name, list(records), ids, texts, pos_rows, exclude, options.range_max + most, instruction,
                     bool(symmetric), None if corpus is None else str(corpus), plan_counts, row_of)
@@ -792,24 +813,47 @@ def _mine_shard(plan: MinePlan, rows: range, q_QD: np.ndarray, cand_QK: np.ndarr
             return scorer.score([records[i].query for i in qi.tolist()],
                                 [plan.corpus_texts[r] for r in cand_QK[qi, kj].tolist()])
 
+    keep = options.own_negatives == "keep"
+    own_n = np.array([len(e.negatives) if keep else 0 for e in records], dtype=np.int64)
+    need = np.maximum(options.n_negatives - own_n, 0)
     sel = select_negatives(cand_QK, cand_scores_QK, pos_scores, exclude, options,
-                           record_ids_Q=np.arange(rows.start, rows.stop), teacher=teacher, teacher_pos_Q=teacher_pos)
-    counts = sel.counts(options.n_negatives)
+                           record_ids_Q=np.arange(rows.start, rows.stop), teacher=teacher, teacher_pos_Q=teacher_pos,
+                           need_Q=need)
+    counts = sel.counts(need)
     counts["records"] += len(records)
-    # the excluded rows that are the query's own text (not a positive) are counted apart
+    if keep:
+        counts["negatives/own"] += int(own_n.sum())
+        counts["records/not_mined"] += int((need == 0).sum())  # n_negatives of their own already
+    # the excluded rows that are the query's own text or the record's own negatives (not a positive): apart
     query_rows = np.array([plan.row_of.get(e.query, -1) for e in records], dtype=np.int64)
     own_text = sel.excluded & (cand_QK == query_rows[:, None]) & (query_rows[:, None] >= 0)
     if own_text.any():
         counts["excluded/query_text"] += int(own_text.sum())
         counts["excluded/positive"] -= int(own_text.sum())
+    if own_n.any():
+        own_QM = np.full((len(records), int(own_n.max())), -1, dtype=np.int64)
+        for i, e in enumerate(records):
+            r = [plan.row_of.get(t, -1) for t in e.negatives]
+            own_QM[i, : len(r)] = r
+        own_neg = sel.excluded & ~own_text & (cand_QK[:, :, None] == own_QM[:, None, :]).any(axis=2) & (cand_QK >= 0)
+        if own_neg.any():
+            counts["excluded/own_negative"] += int(own_neg.sum())
+            counts["excluded/positive"] -= int(own_neg.sum())
+    own_scores = None
+    if sel.teacher_QK is not None and own_n.any():  # the re-check's scores cover the record's own negatives too
+        qi = np.repeat(np.arange(len(records)), own_n)
+        flat = scorer.score([records[i].query for i in qi.tolist()], [t for e in records for t in e.negatives])
+        own_scores = np.split(np.asarray(flat, dtype=np.float64), np.cumsum(own_n)[:-1])
     out = []
     for i, ex in enumerate(records):
         cols = np.flatnonzero(sel.chosen[i])
-        negs = tuple(plan.corpus_texts[r] for r in cand_QK[i, cols].tolist())
-        scores = None
+        mined = tuple(plan.corpus_texts[r] for r in cand_QK[i, cols].tolist())
+        own_negs = ex.negatives if keep else ()
+        scores = ex.teacher_scores if keep and not mined else None  # an unchanged record's own scores still hold
         if sel.teacher_QK is not None:
-            scores = (float(sel.teacher_pos_Q[i]), *(float(s) for s in sel.teacher_QK[i, cols]))
-        out.append(replace(ex, negatives=negs, teacher_scores=scores))
+            own = own_scores[i].tolist() if own_scores is not None else []
+            scores = (float(sel.teacher_pos_Q[i]), *own, *(float(s) for s in sel.teacher_QK[i, cols]))
+        out.append(replace(ex, negatives=own_negs + mined, teacher_scores=scores))
     return out, counts
 
 
