@@ -1,4 +1,5 @@
-"""``me5.prepare`` (``me5.data.shards``, ``me5.data.decontaminate``, ``me5.embed.consistency``): shards + stats,
+"""``me5.prepare`` (``me5.data.shards``, ``me5.data.decontaminate``, ``me5.embed.consistency``; the pipeline of
+``me5.prep`` in ``tests/test_prep.py``): shards + stats,
 eval-set exact-match removal, the consistency filter, resume after an interruption, bad records counted per
 reason (the training loader's reasons) or named by file:line in strict mode."""
 
@@ -161,7 +162,7 @@ def _bad_file(tmp_path):
 
 def test_bad_records_are_counted_per_reason(tmp_path):
     p = _bad_file(tmp_path)
-    stats = prepare({"s": Source(str(p))}, tmp_path / "out",
+    stats = prepare({"s": Source(str(p), long_texts="drop")}, tmp_path / "out",
                     PrepareOptions(max_chars=60, langs=["en", "de"], **OPTS))
     assert stats["s"]["counts"] == {
         "read": 13, "kept": 4, "skipped/malformed_json": 1, "skipped/missing_field": 1, "skipped/empty_text": 1,
@@ -182,11 +183,12 @@ def test_loader_and_prepare_skip_the_same_records_for_the_same_reasons(tmp_path)
     ]
     p = tmp_path / "bad.jsonl"
     p.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    examples, counts = Source(str(p), strict=False, max_chars=40).load_examples()
+    examples, counts = Source(str(p), strict=False, max_chars=40, long_texts="drop").load_examples()
     loader = {k: v for k, v in counts.items() if k.startswith("skipped/")}
     assert loader == {"skipped/malformed_json": 1, "skipped/missing_field": 1, "skipped/empty_text": 1,
                       "skipped/too_long": 2}
-    stats = prepare({"s": Source(str(p), strict=False, max_chars=40)}, tmp_path / "out", PrepareOptions(**OPTS))
+    stats = prepare({"s": Source(str(p), strict=False, max_chars=40, long_texts="drop")}, tmp_path / "out",
+                    PrepareOptions(**OPTS))
     prepared = {k: v for k, v in stats["s"]["counts"].items() if k.startswith("skipped/")}
     assert prepared == loader
     assert stats["s"]["counts"]["read"] == counts["read"] == 10
@@ -242,9 +244,18 @@ def test_cli_single_source_and_config(tmp_path, capsys):
     cfg = tmp_path / "prep.yaml"
     cfg.write_text(f"shard_rows: 5\nsources:\n  a:\n    _target_: me5.data.source.Source\n    path: {raw}\n"
                    f"  b:\n    _target_: me5.data.source.Source\n    path: {_bad_file(tmp_path)}\n")
-    assert main(["--config", str(cfg), "--out", str(tmp_path / "o2"), "--no-progress", "--only", "a"]) == 0
+    assert main(["--config", str(cfg), "--out", str(tmp_path / "o2"), "--no-progress", "--only", "a",
+                 "--engine", "inline"]) == 0
     assert json.loads((tmp_path / "o2" / "stats.json").read_text())["a"]["counts"]["kept"] == 20
     assert len(list((tmp_path / "o2" / "a").glob("part-*.parquet"))) == 4
+    # the pipeline (the default): the German rows repeat the English texts, so they are exact duplicates
+    assert main(["--config", str(cfg), "--out", str(tmp_path / "o4"), "--no-progress", "--only", "a",
+                 "--buckets", "2"]) == 0
+    counts = json.loads((tmp_path / "o4" / "stats.json").read_text())["a"]["counts"]
+    assert counts == {"read": 20, "kept": 10, "skipped/duplicate": 10}
+    assert sorted(len(pq.read_table(f)) for f in (tmp_path / "o4" / "a").glob("part-*.parquet"))[-1] <= 5
+    assert main(["--config", str(cfg), "--out", str(tmp_path / "o5"), "--only", "a", "--max-shards", "1"]) == 2
+    assert "--engine inline" in capsys.readouterr().err
     rc = main(["--config", str(cfg), "--out", str(tmp_path / "o3"), "--no-progress", "--strict"])
     err = capsys.readouterr().err
     assert rc == 2 and "bad.jsonl:5" in err and "Traceback" not in err
@@ -263,7 +274,8 @@ def test_consistency_filter_with_a_tiny_exported_model(tmp_path, tokenizer):
                "--no-progress"])
     stats = json.loads((tmp_path / "o" / "stats.json").read_text())["s"]["counts"]
     assert rc == 0 and stats["read"] == 30 and stats["kept"] + stats.get("skipped/inconsistent", 0) == 30
-    assert len(json.loads((tmp_path / "o" / "s" / "_consistency" / "pool.json").read_text())["texts"]) == 10
+    assert len(np.load(tmp_path / "o" / "_prep" / "pool" / "s" / "keys.npy")) == 10
+    assert (tmp_path / "o" / "_prep" / "pool" / "s" / "emb" / "manifest.json").is_file()  # the embed core's shards
 
 
 def test_a_source_class_reads_its_prepared_shards_in_the_normalised_schema(tmp_path):

@@ -3,9 +3,12 @@
 Both are extra checks of the record classifier (:class:`~me5.data.records.RecordClassifier` ``checks=``): a
 callable ``PairExample -> reason or None``. ``me5.prepare`` runs them (``--eval-sets``, ``--langs``).
 
-* :class:`EvalOverlap` (``eval_overlap``): the query or positive passage appears in an evaluation set (BEIR
-  layout: ``corpus.jsonl``/``queries.jsonl``, or per-language subfolders as MIRACL); exact match after
-  whitespace normalisation, as the English E5 recipe (arXiv 2212.03533) decontaminates its training data.
+* :class:`EvalOverlap` (``eval_overlap``): the query or positive passage appears in an evaluation set, read in
+  its published layout (:func:`eval_files`: BEIR ``corpus.jsonl``/``queries.jsonl``, gzip or not, or
+  per-language subfolders of them; MIRACL's ``miracl-corpus`` docs and ``miracl`` topics as downloaded; the MTEB
+  v2 hub layout's ``corpus``/``queries`` parquet splits); exact match after whitespace normalisation, as the
+  English E5 recipe (arXiv 2212.03533) decontaminates its training data. The digests are 8 bytes a text in a
+  sorted array that the workers of ``me5.prep`` memory-map.
 * :class:`LanguageCheck` (``wrong_language``): the record's language is not asked for, or its text is not
   written in a script of that language (a cheap stand-in for language identification).
 """
@@ -15,9 +18,12 @@ from __future__ import annotations
 import bisect
 import hashlib
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+
+import numpy as np
 
 from me5.data.readers import iter_jsonl
 from me5.data.schema import PairExample
@@ -35,56 +41,145 @@ def text_digest(text: str) -> bytes:
     return hashlib.blake2b(normalise_text(text).encode("utf-8"), digest_size=8).digest()
 
 
-def _beir_dirs(root: Path) -> list[Path]:
-    def is_beir(d: Path) -> bool:
-        return (d / "corpus.jsonl").exists() or (d / "queries.jsonl").exists()
+#: file names (any folder level or the file's own stem) that hold eval passages or queries, per published layout:
+#: BEIR (``corpus.jsonl``, ``queries.jsonl``, gzip or not), MIRACL (``miracl-corpus-v1.0-<lang>/docs-*.jsonl.gz``,
+#: ``miracl-v1.0-<lang>/topics/topics.miracl-v1.0-<lang>-<split>.tsv``), the MTEB v2 hub layout (parquet splits
+#: under ``corpus/``, ``queries/``, ``<lang>-corpus/``, ``<lang>-queries/``; qrels under ``default``/``qrels``)
+_TEXT_PARTS = re.compile(r"(^|[-_.])(corpus|docs|queries|query|topics)($|[-_.])")
+_SKIP_PARTS = re.compile(r"(^|[-_.])(qrels|default|top_ranked|instruction)($|[-_.])")
+_EVAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".tsv")
 
-    if is_beir(root):
-        return [root]
-    return sorted(p for p in root.iterdir() if p.is_dir() and is_beir(p)) if root.is_dir() else []
+
+def eval_files(root: str | os.PathLike) -> list[Path]:
+    """The files of an eval set that hold its passages and queries, in any of the published layouts named in
+    :data:`_TEXT_PARTS` (a BEIR folder, a folder of per-language BEIR folders as MIRACL converted by
+    ``me5.app.convert_miracl``, MIRACL's own ``miracl-corpus``/``miracl`` downloads, an MTEB v2 hub folder);
+    qrels and READMEs are left out. Sorted, so that every worker reads them in one order."""
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    out = []
+    for f in files:
+        name = f.name
+        if not name.endswith(_EVAL_SUFFIXES):
+            continue
+        stem = name.split(".")[0]
+        parts = [*(p.name for p in f.relative_to(root).parents if p.name), stem] if f != root else [stem]
+        if any(_SKIP_PARTS.search(p) for p in parts):
+            continue
+        if any(_TEXT_PARTS.search(p) for p in parts):
+            out.append(f)
+    return out
+
+
+def _iter_eval_texts(path: Path):
+    """Each text of one eval file: ``text`` (and ``title + " " + text``) of a jsonl/parquet record, the query
+    column of a MIRACL topics tsv (``qid<TAB>query``)."""
+    name = path.name
+    if name.endswith(".tsv"):
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                cols = line.rstrip("\n").split("\t")
+                if len(cols) >= 2 and cols[1].strip():
+                    yield cols[1]
+        return
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        cols = [c for c in ("title", "text") if c in pf.schema_arrow.names]
+        if "text" not in cols:
+            raise DataError("an eval parquet file needs a 'text' column", file=str(path))
+        for batch in pf.iter_batches(columns=cols, batch_size=65536):
+            d = batch.to_pydict()
+            titles = d.get("title") or [None] * len(d["text"])
+            for title, text in zip(titles, d["text"]):
+                yield from _record_texts(title, text)
+        return
+    for _, rec in iter_jsonl(path):
+        yield from _record_texts(rec.get("title"), rec.get("text"))
+
+
+def _record_texts(title, text):
+    if isinstance(text, str) and text.strip():
+        yield text
+        if isinstance(title, str) and title.strip():
+            yield title + " " + text
 
 
 def load_eval_texts(folders: Iterable[str | os.PathLike]) -> set[bytes]:
-    """Digests of every query and passage text (``text``, and ``title + " " + text``) of BEIR-layout folders."""
-    out: set[bytes] = set()
+    """Digests of every query and passage text (``text``, and ``title + " " + text``) of the eval sets in
+    ``folders`` (any layout :func:`eval_files` knows)."""
+    return {d.tobytes() for d in load_eval_digests(folders)}
+
+
+def load_eval_digests(folders: Iterable[str | os.PathLike]) -> np.ndarray:
+    """The sorted, unique :func:`text_digest` of every eval text of ``folders`` as a ``uint64`` array (8 bytes a
+    text: 100M MIRACL passages take 0.8 GB, and :func:`save_digests` lets every worker memory-map one copy)."""
+    parts: list[np.ndarray] = []
     for folder in folders:
         root = Path(folder)
-        dirs = _beir_dirs(root)
-        if not dirs:
-            raise DataError("not a BEIR folder: no corpus.jsonl/queries.jsonl in it nor in any subfolder", file=str(root))
-        for d in dirs:
-            for name in ("corpus.jsonl", "queries.jsonl"):
-                if not (d / name).is_file():
-                    continue
-                for _, rec in iter_jsonl(d / name):
-                    text = rec.get("text")
-                    if isinstance(text, str) and text.strip():
-                        out.add(text_digest(text))
-                        title = rec.get("title")
-                        if isinstance(title, str) and title.strip():
-                            out.add(text_digest(title + " " + text))
-    return out
+        files = eval_files(root) if root.exists() else []
+        if not files:
+            raise DataError("no eval set here: no corpus/queries/topics file (BEIR, MIRACL or MTEB layout) in it "
+                            "nor in any subfolder", file=str(root))
+        for f in files:
+            buf = bytearray()
+            for text in _iter_eval_texts(f):
+                buf += text_digest(text)
+            if buf:
+                parts.append(np.frombuffer(bytes(buf), dtype=np.uint64))
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
+
+
+def save_digests(path: str | os.PathLike, digests: np.ndarray) -> None:
+    """Write a digest array for :meth:`EvalOverlap.from_file` (atomic: a temporary file renamed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(digests, dtype=np.uint64))
+    os.replace(tmp, path)
 
 
 class EvalOverlap:
     """``eval_overlap``: the example's query or positive is (whitespace-normalised) a text of an eval set.
 
     Args:
-        digests: the :func:`text_digest` of every eval text (:meth:`from_folders` reads them).
+        digests: the :func:`text_digest` of every eval text: a set of 8-byte digests, or a sorted ``uint64``
+            array (:func:`load_eval_digests`; looked up by binary search, and memory-mapped by
+            :meth:`from_file`, so that the workers of a pipeline share one copy).
     """
 
     reason = "eval_overlap"
 
-    def __init__(self, digests: set[bytes]):
-        self.digests = digests
+    def __init__(self, digests: set[bytes] | np.ndarray):
+        if isinstance(digests, np.ndarray):
+            self.digests = None
+            self.sorted = digests
+        else:
+            self.digests = digests
+            self.sorted = None
 
     @classmethod
     def from_folders(cls, folders: Iterable[str | os.PathLike]) -> EvalOverlap:
-        """The check of the eval sets in BEIR-layout ``folders`` (:func:`load_eval_texts`)."""
-        return cls(load_eval_texts(folders))
+        """The check of the eval sets in ``folders`` (:func:`load_eval_digests`)."""
+        return cls(load_eval_digests(folders))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> EvalOverlap:
+        """The check of a digest file written by :func:`save_digests` (memory-mapped)."""
+        return cls(np.load(path, mmap_mode="r"))
+
+    def contains(self, text: str) -> bool:
+        """Whether ``text`` (whitespace-normalised) is an eval text."""
+        d = text_digest(text)
+        if self.digests is not None:
+            return d in self.digests
+        key = np.frombuffer(d, dtype=np.uint64)[0]
+        i = int(np.searchsorted(self.sorted, key))
+        return i < len(self.sorted) and self.sorted[i] == key
 
     def __call__(self, ex: PairExample) -> str | None:
-        if text_digest(ex.query) in self.digests or text_digest(ex.positive) in self.digests:
+        if self.contains(ex.query) or self.contains(ex.positive):
             return self.reason
         return None
 

@@ -66,6 +66,15 @@ def kernel_name(device: torch.device, dtype: torch.dtype, dropout: float) -> str
 
 
 @functools.cache
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.cache
 def _flash_attn_varlen():
     try:
         from flash_attn import flash_attn_varlen_func
@@ -116,8 +125,9 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_le
     """Self-attention within each row of a packed stream: (T, H, d) each -> (T, H, d)."""
     kernel = kernel_name(q.device, q.dtype, dropout)
     if kernel == "torch-varlen_attn":
-        from torch.nn.attention.varlen import varlen_attn
-
+        varlen_attn = _torch_varlen()
+        if varlen_attn is None:  # a torch before torch.nn.attention.varlen: the same aten kernel, directly
+            return _FlashVarlen.apply(q, k, v, cu_seqlens, max_length, 0.0, scale)
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, scale=scale)
     if kernel == "flash_attn-varlen":
         return _flash_attn_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, dropout_p=dropout,
