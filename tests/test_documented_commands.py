@@ -92,11 +92,28 @@ def _parse_only(module: str, args: list[str], monkeypatch) -> int:
     raise AssertionError(f"{module} ran past its argument parser")
 
 
+def fake_mteb_cache(folder: Path) -> Path:
+    """A datasets cache holding (as empty build folders) every dataset of the paper's 56 MTEB tasks: what the
+    pre-flight check looks for (``me5.eval.mteb.missing_data``), without the gigabytes."""
+    from mteb.abstasks.aggregated_task import AbsTaskAggregate
+
+    from me5.eval.mteb import resolve_tasks
+    from me5.eval.paper import PAPER_MTEB_EN
+
+    for task in resolve_tasks(list(PAPER_MTEB_EN)):
+        for leaf in list(task.metadata.tasks) if isinstance(task, AbsTaskAggregate) else [task]:
+            path = str((leaf.metadata.dataset or {}).get("path") or "")
+            (folder / path.replace("/", "___").lower()).mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @pytest.fixture
 def in_paper_tree(paper_tree, monkeypatch):
     monkeypatch.chdir(paper_tree)
     monkeypatch.delenv("ME5_DATA_DIR", raising=False)
     monkeypatch.setenv("ME5_LOG_DIR", str(paper_tree / "outputs"))
+    cache = fake_mteb_cache(paper_tree / "hf-datasets-cache")
+    monkeypatch.setattr("me5.eval.mteb._datasets_cache", lambda: str(cache))
     return paper_tree
 
 
@@ -140,3 +157,21 @@ def test_the_docs_name_the_configs_paths_and_fields(paper_tree):
     assert "stages.finetune.init_from=..." not in plan and "start_from=" in plan
     instruct = [a for w, a in documented_commands(paper_tree) if "experiment=me5_large_instruct" in a]
     assert instruct and all(any(x.startswith("start_from=") for x in a) for a in instruct)
+
+
+def test_a_missing_mteb_dataset_fails_the_dry_run_naming_it_and_the_fetch(in_paper_tree, capsys, monkeypatch):
+    """The experiments evaluate MTEB after the last stage: a dataset missing from the local cache is found by the
+    pre-flight check in milliseconds, before anything starts, not hours later."""
+    from me5.app import dry_run
+
+    cache = in_paper_tree / "hf-datasets-cache"
+    gone = sorted(p for p in cache.iterdir() if "sprint" in p.name)
+    assert gone, sorted(p.name for p in cache.iterdir())[:5]
+    for p in gone:
+        p.rmdir()
+    commands = [a for _, a in documented_commands(in_paper_tree) if a[0] == "me5.train" and "experiment=me5_base" in a]
+    assert commands
+    status = dry_run.main([*commands[0][1:], "dry_run=true"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "SprintDuplicateQuestions" in err and "download(" in err and "not in the local cache" in err

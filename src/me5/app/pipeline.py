@@ -284,7 +284,8 @@ def check_stage_needs(datamodule, stage: str, *, n_negatives: int, require_teach
 
 def check_eval_inputs(eval_cfg) -> None:
     """What the evaluation needs besides its folders (:func:`~me5.app.pipeline.check_run` checks those): each
-    retrieval language's folder, and the ``mteb`` package and task names for an MTEB evaluator."""
+    retrieval language's folder, and the ``mteb`` package, task names and (offline) every task's dataset in the
+    local cache for an MTEB evaluator."""
     for name, node in (eval_cfg or {}).items():
         target = str(node.get("_target_", ""))
         data = node.get("data")
@@ -303,7 +304,22 @@ def check_eval_inputs(eval_cfg) -> None:
 
             tasks = node.get("tasks", "paper")
             names = list(PAPER_MTEB_EN) if tasks == "paper" else [tasks] if isinstance(tasks, str) else list(tasks)
-            resolve_tasks(names)
+            resolved = resolve_tasks(names)
+            if node.get("offline", True):  # every dataset in the local cache (milliseconds; nothing is loaded)
+                from me5.eval.mteb import missing_data
+
+                cache_dir = node.get("cache_dir")
+                missing = missing_data(resolved, cache_dir=cache_dir)
+                if missing:
+                    shown = "; ".join(missing[:3]) + (f"; ... ({len(missing) - 3} more)" if len(missing) > 3 else "")
+                    which = "list(PAPER_MTEB_EN)" if tasks == "paper" else repr(names)
+                    where = "" if cache_dir is None else f", cache_dir={str(cache_dir)!r}"
+                    fetch = (f"python -c \"from me5.eval.paper import PAPER_MTEB_EN; from me5.eval.mteb import "
+                             f"download; download({which}{where})\"")
+                    raise DataError(
+                        f"eval.{name}: {len(missing)} MTEB dataset(s) are not in the local cache ({shown}); fetch "
+                        f"them once with network access: {fetch}, or set eval.{name}.offline=false",
+                        file=str(cache_dir) if cache_dir is not None else None)
 
 
 def _mine_input(src) -> str:
