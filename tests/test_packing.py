@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 
@@ -11,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import me5.gradcache as gc
 from me5.embed.encode import encode_texts
 from me5.errors import ConfigError
 from me5.gradcache import gradcache_step, plan_chunks
@@ -207,13 +209,18 @@ def _stage2(teacher, group):
 
 
 def _grads(*modules):
-    out = {}
-    for k, m in enumerate(modules):
-        for name, p in m.named_parameters():
-            if p.grad is not None:
-                out[f"{k}.{name}"] = p.grad.detach().clone()
-                p.grad = None
-    return out
+    return {name: g for name, g in tiny.take_grads(*modules).items() if g is not None}
+
+
+def _chunked_reference(packed, q, p):
+    """Both sides embedded chunk by chunk with a graph, packed as GradCache packs them (chunk_tokens=14), in order."""
+    embs = []
+    for side in (q, p):
+        lengths, starts = row_spans(side["attention_mask"])
+        _, chunks = plan_chunks(side["attention_mask"], chunk_tokens=14, packed=True)
+        embs.append(torch.cat([packed(pack_rows(side["input_ids"], np.arange(sl.start, sl.stop), lengths, starts,
+                                                 offset=packed.first_position)) for sl in chunks]))
+    return embs
 
 
 @functools.cache
@@ -244,7 +251,7 @@ def test_packed_gradcache_equals_the_padded_full_batch(model, sort):
         torch.testing.assert_close(cached[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_packed_gradcache_replays_its_dropout():
+def test_packed_gradcache_replays_its_dropout(monkeypatch):
     """Dropout on: GradCache == the same packed chunks embedded with a graph in the same order (same draws)."""
     q, p = _sides("xlm-roberta")
     teacher = torch.randn(4, 2, generator=torch.Generator().manual_seed(3))
@@ -256,36 +263,15 @@ def test_packed_gradcache_replays_its_dropout():
     cached = _grads(packed, module)
 
     torch.manual_seed(11)
-    embs = []
-    for side in (q, p):
-        lengths, starts = row_spans(side["attention_mask"])
-        _, chunks = plan_chunks(side["attention_mask"], chunk_tokens=14, packed=True)
-        embs.append(torch.cat([packed(pack_rows(side["input_ids"], np.arange(sl.start, sl.stop), lengths, starts,
-                                                 offset=packed.first_position)) for sl in chunks]))
-    ref, _ = loss_fn(*embs)
+    ref, _ = loss_fn(*_chunked_reference(packed, q, p))
     ref.backward()
     reference = _grads(packed, module)
     for name in reference:
         torch.testing.assert_close(cached[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
     # control: without the replay the re-forward draws other masks and the gradients differ
     torch.manual_seed(11)
-    import me5.gradcache as gc
-
-    class Fresh:
-        def __init__(self, *tensors):
-            pass
-
-        def __enter__(self):
-            pass
-
-        def __exit__(self, *exc):
-            pass
-
-    real, gc.RandContext = gc.RandContext, Fresh
-    try:
-        gradcache_step(packed, q, p, loss_fn, chunk_tokens=14)
-    finally:
-        gc.RandContext = real
+    monkeypatch.setattr(gc, "RandContext", lambda *tensors: contextlib.nullcontext())
+    gradcache_step(packed, q, p, loss_fn, chunk_tokens=14)
     fresh = _grads(packed, module)
     assert any(not torch.allclose(fresh[n], reference[n], rtol=1e-4, atol=1e-6) for n in reference)
 
@@ -377,13 +363,7 @@ def test_cuda_packed_gradcache_with_dropout_replays_exactly():
         gradcache_step(packed, q, p, loss_fn, chunk_tokens=14)
         cached = _grads(packed, module)
         torch.manual_seed(11)
-        embs = []
-        for side in (q, p):
-            lengths, starts = row_spans(side["attention_mask"])
-            _, chunks = plan_chunks(side["attention_mask"], chunk_tokens=14, packed=True)
-            embs.append(torch.cat([packed(pack_rows(side["input_ids"], np.arange(sl.start, sl.stop), lengths, starts,
-                                                     offset=packed.first_position)) for sl in chunks]))
-        ref, _ = loss_fn(*embs)
+        ref, _ = loss_fn(*_chunked_reference(packed, q, p))
     ref.backward()
     reference = _grads(packed, module)
     for name in reference:

@@ -197,13 +197,9 @@ class _Side:
     emb: Tensor | None = None
 
 
-def _prepare(encoder: nn.Module, tensors: Sequence[Tensor], *, chunk_rows, chunk_tokens, sort_by_length,
-             equalize: int | None, packed: bool, lengths: np.ndarray, starts: np.ndarray) -> _Side:
-    """Cut one side into chunks and build each chunk's encoder inputs, from host row lengths only (no sync)."""
-    order, chunks = _plan(lengths, chunk_rows=chunk_rows, chunk_tokens=chunk_tokens, sort_by_length=sort_by_length,
-                          packed=packed)
-    if equalize is not None:
-        chunks = split_to_count(chunks, equalize)
+def _prepare(encoder: nn.Module, tensors: Sequence[Tensor], order: np.ndarray | None, chunks: Sequence[slice], *,
+             packed: bool, lengths: np.ndarray, starts: np.ndarray) -> _Side:
+    """Build each planned chunk's encoder inputs from host row lengths only (no sync)."""
     host_rows = np.arange(len(lengths)) if order is None else order
     device = tensors[0].device
     order_t = None if order is None else torch.from_numpy(order).to(device, non_blocking=True)
@@ -217,7 +213,7 @@ def _prepare(encoder: nn.Module, tensors: Sequence[Tensor], *, chunk_rows, chunk
         else:
             index = sl if order_t is None else order_t[sl]
             args.append(_trim(_rows(tensors, index), lengths[rows], starts[rows]))
-    return _Side(order_t, chunks, args)
+    return _Side(order_t, list(chunks), args)
 
 
 def _first_tensor(args: tuple) -> Tensor:
@@ -311,18 +307,14 @@ def gradcache_step(
         raise ValueError("packed GradCache needs an encoder built with packed=True (its attention reads cu_seqlens)")
     # the rows' real lengths, read from the device once per side (every chunk below is planned on the host)
     spans = [row_spans(tensors[1]) for tensors in unpacked]
-    counts = None
+    plans = [_plan(lengths, chunk_rows=chunk_rows, chunk_tokens=chunk_tokens, sort_by_length=sort_by_length,
+                   packed=packed) for lengths, _ in spans]
     if equalize_chunks is not None:
-        counts = equalize_chunks([
-            len(_plan(lengths, chunk_rows=chunk_rows, chunk_tokens=chunk_tokens, sort_by_length=sort_by_length,
-                      packed=packed)[1])
-            for lengths, _ in spans
-        ])
+        counts = equalize_chunks([len(chunks) for _, chunks in plans])
+        plans = [(order, split_to_count(chunks, n)) for (order, chunks), n in zip(plans, counts, strict=True)]
     sides = []
-    for k, (tensors, (lengths, starts)) in enumerate(zip(unpacked, spans, strict=True)):
-        side = _prepare(encoder, tensors, chunk_rows=chunk_rows, chunk_tokens=chunk_tokens,
-                        sort_by_length=sort_by_length, equalize=None if counts is None else counts[k], packed=packed,
-                        lengths=lengths, starts=starts)
+    for tensors, (order, chunks), (lengths, starts) in zip(unpacked, plans, spans, strict=True):
+        side = _prepare(encoder, tensors, order, chunks, packed=packed, lengths=lengths, starts=starts)
         emb, side.states = embed_no_grad(encoder, side.args)
         if side.order is not None:  # back to batch order: emb_batch[order[i]] = emb_sorted[i]
             emb = torch.empty_like(emb).index_copy_(0, side.order, emb)

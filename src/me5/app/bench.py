@@ -609,6 +609,15 @@ def run_bench(cfg: BenchConfig, *, log: Callable[[str], None] = print,
             real_tokens = int(batch_cpu["query_attention_mask"].sum() + batch_cpu["passage_attention_mask"].sum())
             profiled_here = cfg.profile and index == 0
             grid_rows = []
+
+            def emit(row: dict, grid_rows=grid_rows) -> None:  # a finished (or skipped) row: table, log, callback
+                grid_rows.append(row)
+                rows.append(row)
+                _fill_vs_ours(grid_rows)
+                log(format_row(row))
+                if on_update is not None:
+                    on_update(rows)
+
             for method in point.methods:
                 row = {"model": model, "batch": n_pairs, "lengths": mode, "method": method, "mini_batch": mini,
                        "nonemb_params": dims["nonemb"], "real_tokens": real_tokens,
@@ -623,12 +632,7 @@ def run_bench(cfg: BenchConfig, *, log: Callable[[str], None] = print,
                 if cfg.deadline is not None and estimate is not None and \
                         time.time() + (cfg.warmup_steps + 1) * estimate > cfg.deadline:
                     row["status"] = f"skipped: deadline (~{estimate:.0f} s/step)"
-                    grid_rows.append(row)
-                    rows.append(row)
-                    _fill_vs_ours(grid_rows)
-                    log(format_row(row))
-                    if on_update is not None:
-                        on_update(rows)
+                    emit(row)
                     continue
                 step, target = None, None
                 try:
@@ -709,12 +713,7 @@ def run_bench(cfg: BenchConfig, *, log: Callable[[str], None] = print,
                         target.to("cpu")
                         target.zero_grad(set_to_none=True)
                     _free(device)
-                grid_rows.append(row)
-                rows.append(row)
-                _fill_vs_ours(grid_rows)
-                log(format_row(row))
-                if on_update is not None:
-                    on_update(rows)
+                emit(row)
             if last_use[model] == index:
                 models.drop(model)
                 _free(device)

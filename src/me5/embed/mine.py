@@ -97,6 +97,7 @@ from me5.embed.encode import (
 )
 from me5.embed.search import search
 from me5.errors import ConfigError, DataError
+from me5.jsonio import read_json, write_json
 from me5.prompts import PromptPolicy
 
 log = logging.getLogger(__name__)
@@ -504,19 +505,6 @@ def records_digest(records: Sequence[PairExample]) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: ranks may write the same file
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 @dataclass
 class JobResult:
     """What one process's :func:`mine` / :func:`~me5.embed.teacher.score_records` did: output shards ``written``
@@ -551,7 +539,7 @@ class ShardedOutput:
         self.progress.mkdir(parents=True, exist_ok=True)
         job = {"format": FORMAT, "kind": kind, "key": key, "fields": {k: run_digest(v) for k, v in fields.items()},
                "shards": len(self.ranges)}
-        old = _read_json(self.progress / JOB)
+        old = read_json(self.progress / JOB)
         if old is not None and old.get("key") != key:
             if not overwrite:
                 differ = sorted(k for k in job["fields"] if (old.get("fields") or {}).get(k) != job["fields"][k])
@@ -567,7 +555,7 @@ class ShardedOutput:
                 for f in (SHARDS_MANIFEST, f"{kind}_stats.json"):
                     (self.path / f).unlink(missing_ok=True)
         if old is None or old.get("key") != key:
-            _write_json(self.progress / JOB, job)
+            write_json(self.progress / JOB, job)
 
     @staticmethod
     def stem(k: int) -> str:
@@ -578,7 +566,7 @@ class ShardedOutput:
 
     def marker(self, k: int) -> dict | None:
         """Shard ``k``'s completion marker when it is done by this run, else ``None``."""
-        m = _read_json(self.progress / f"{self.stem(k)}.json")
+        m = read_json(self.progress / f"{self.stem(k)}.json")
         if not m or m.get("key") != self.key:
             return None
         try:
@@ -601,7 +589,7 @@ class ShardedOutput:
         entry = _write_shard(self.path / self.file(k), examples, row_group_rows, seed=(seed, k),
                              split_langs=split_langs)
         entry["bytes"] = (self.path / self.file(k)).stat().st_size
-        _write_json(self.progress / f"{self.stem(k)}.json", {"key": self.key, "shard": entry, "counts": dict(counts)})
+        write_json(self.progress / f"{self.stem(k)}.json", {"key": self.key, "shard": entry, "counts": dict(counts)})
         return entry
 
     def finish(self, *, name: str, counts: Mapping[str, int], extra: Mapping | None = None) -> dict | None:
@@ -616,8 +604,8 @@ class ShardedOutput:
         shards = [m["shard"] for m in markers]
         stats = {"source": name, "counts": dict(sorted(total.items())), "shards": len(shards),
                  "rows": sum(s["rows"] for s in shards), **dict(extra or {})}
-        _write_json(self.path / SHARDS_MANIFEST, {"format": SHARDS_FORMAT, "source": name, "shards": shards})
-        _write_json(self.path / f"{self.kind}_stats.json", stats)
+        write_json(self.path / SHARDS_MANIFEST, {"format": SHARDS_FORMAT, "source": name, "shards": shards})
+        write_json(self.path / f"{self.kind}_stats.json", stats)
         return stats
 
 

@@ -60,9 +60,7 @@ def resolve_attn_implementation(name: str, *, packed: bool = False) -> str:
         )
     if packed:
         if name not in ("auto", "sdpa"):
-            raise ConfigError("model.encoder.attn_implementation",
-                              f"packed=true runs its own varlen attention (flash-attn's kernel where installed); "
-                              f"attn_implementation applies to padded inputs only and must be sdpa or auto, not '{name}'")
+            raise _packed_attention_error(name)
         return "sdpa"
     if name == "auto":
         return "flash_attention_2" if flash_attention_available() else "sdpa"
@@ -73,6 +71,12 @@ def resolve_attn_implementation(name: str, *, packed: bool = False) -> str:
             "--no-build-isolation); use sdpa (the default) or auto",
         )
     return name
+
+
+def _packed_attention_error(name) -> ConfigError:
+    return ConfigError("model.encoder.attn_implementation",
+                       f"packed=true runs its own varlen attention (flash-attn's kernel where installed); "
+                       f"attn_implementation applies to padded inputs only and must be sdpa or auto, not '{name}'")
 
 
 class Encoder(nn.Module):
@@ -264,9 +268,7 @@ class Encoder(nn.Module):
         self.first_position = position_offset(config)
         current = getattr(config, "_attn_implementation", None)
         if current not in (None, "sdpa", *attention.PACKED_IMPLEMENTATIONS):
-            raise ConfigError("model.encoder.attn_implementation",
-                              f"packed=true runs its own varlen attention (flash-attn's kernel where installed); "
-                              f"attn_implementation applies to padded inputs only and must be sdpa or auto, not '{current}'")
+            raise _packed_attention_error(current)
         attention.register()
         name = attention.VARLEN if self.packed_attention_dropout == "keep" else attention.VARLEN_NODROP
         self.backbone.set_attn_implementation(name)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from me5.data.readers import resolve_files
 from me5.errors import ConfigError, DataError
+from me5.jsonio import read_json, write_json
 from me5.prompts import STYLES
 
 if TYPE_CHECKING:
@@ -243,21 +244,6 @@ def make_plan(sources: Mapping[str, Source], out: str | os.PathLike, opts: PrepO
         plan.work.mkdir(parents=True, exist_ok=True)
         write_json(path, record)
     return plan
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic: a temporary file renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def pair_key(query: str, positive: str) -> int:

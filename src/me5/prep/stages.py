@@ -25,7 +25,8 @@ import numpy as np
 from me5.data.readers import SHARDS_FORMAT, SHARDS_MANIFEST, iter_records
 from me5.data.schema import PairExample
 from me5.errors import DataError
-from me5.prep.pipeline import WORK, Plan, Unit, pair_key, read_json, text_key, write_json
+from me5.jsonio import read_json, write_json
+from me5.prep.pipeline import WORK, Plan, Unit, pair_key, text_key
 
 log = logging.getLogger(__name__)
 
