@@ -36,22 +36,22 @@ test-full: setup ## every test, slow ones included
 	$(PY) -m pytest -q $(ARGS)
 
 lint: setup ## ruff
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
 
 format: setup ## ruff format + fixes
-	$(VENV)/bin/ruff check --fix src tests && $(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests benchmarks && $(VENV)/bin/ruff format src tests benchmarks
 
 bench: setup ## throughput of one stage-1 step (CPU: tiny grid, <1 min; on a GPU: small/base/large x 1k/4k/32k). ARGS="--out DIR --threads 1 ..."
-	$(PY) -m me5.app.bench $(ARGS)
+	$(PY) -m benchmarks.train_step $(ARGS)
 
 bench-data: setup ## data-loader throughput (pairs/s per core) on the sample and a generated 1M-pair sharded set
-	$(PY) -m me5.app.bench_data $(ARGS)
+	$(PY) -m benchmarks.data_loader $(ARGS)
 
 bench-encode: setup ## corpus encoding (passages/s, tokens/s) of me5 vs SentenceTransformer.encode, MIRACL-en projection (CPU ~3 min)
-	$(PY) -m me5.app.bench_encode $(ARGS)
+	$(PY) -m benchmarks.encode $(ARGS)
 
 bench-mine: setup ## hard-negative mining (queries/s, passages/s; exact, HNSW, IVF) and teacher scoring (pairs/s) vs sentence-transformers (CPU <1 min). ARGS="--model small --queries 20000 ..."
-	$(PY) -m me5.app.bench_mine $(ARGS)
+	$(PY) -m benchmarks.mining $(ARGS)
 
 sweep-example: setup ## a 3-run temperature sweep on the sample data (multirun, one W&B group)
 	$(PY) -m me5.train -m loss.temperature=0.01,0.02,0.05 $(ARGS)

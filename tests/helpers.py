@@ -62,7 +62,7 @@ def format_item(source, ex, *, n_negatives: int = 0, rng=None, prompt_style: str
     from me5.data import ItemFormatter
     from me5.prompts import PromptPolicy
 
-    fmt = ItemFormatter.for_source(source, PromptPolicy(prompt_style), n_negatives=n_negatives)
+    fmt = ItemFormatter.for_source(source, prompts=PromptPolicy(prompt_style), n_negatives=n_negatives)
     return fmt(ex, rng=rng if rng is not None else np.random.default_rng(0))
 
 

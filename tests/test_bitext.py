@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from me5.errors import ConfigError, DataError
+from me5.eval import bitext
 from me5.eval.bitext import (
     TASK_PAIRS,
     BitextEvaluator,
@@ -25,6 +26,7 @@ from me5.eval.bitext import (
 )
 from me5.prompts import TASKS, PromptPolicy
 
+E5 = PromptPolicy("e5")
 FIX = Path(__file__).parent / "fixtures" / "bitext"
 BUCC_V1 = FIX / "BUCC"  # mteb/BUCC (task BUCC): one record of lists per pair, parquet
 BUCC_V2 = FIX / "bucc-bitext-mining"  # mteb/bucc-bitext-mining (task BUCC.v2): gold pairs as rows, jsonl.gz
@@ -67,14 +69,29 @@ def embedding_table(dim: int = 8, noise: float = 0.75, seed: int = 0) -> dict[st
 
 
 class TableEncoder:
-    """me5's encoder interface over a text -> vector table; records each call's prefix and texts."""
+    """An encoder over a text -> vector table (:func:`table_embedding` embeds with it); records each call's prefix,
+    texts, max length and batch size."""
 
     def __init__(self, table):
         self.table, self.calls = table, []
 
-    def encode(self, texts, tokenizer, *, prefix="", max_length=512, batch_size=64, device=None, **kwargs):
-        self.calls.append({"prefix": prefix, "texts": list(texts), "max_length": max_length, "batch_size": batch_size})
+    def embed(self, texts, *, prefix="", max_length=512, max_batch=256, **kwargs):
+        self.calls.append({"prefix": prefix, "texts": list(texts), "max_length": max_length, "max_batch": max_batch})
         return torch.stack([self.table[t] for t in texts])
+
+
+@pytest.fixture(autouse=True)
+def table_embedding(monkeypatch):
+    """The evaluator embeds through ``me5.embed.encode.encode_texts``; a :class:`TableEncoder` answers from its
+    table, a real encoder goes through as is."""
+    real = bitext.encode_texts
+
+    def encode_texts(encoder, tokenizer, texts, **kwargs):
+        if isinstance(encoder, TableEncoder):
+            return encoder.embed(texts, **kwargs)
+        return real(encoder, tokenizer, texts, **kwargs)
+
+    monkeypatch.setattr(bitext, "encode_texts", encode_texts)
 
 
 class MtebTableModel:
@@ -205,7 +222,7 @@ def test_missing_pair_folder():
         load_bitext(BUCC_V1, task="bucc", languages=["de-en", "ru-en"])
     assert err.value.file == str(BUCC_V1 / "ru-en") and "folders here: de-en, fr-en" in str(err.value)
     with pytest.raises(DataError, match="pass languages="):
-        BitextEvaluator(BUCC_V1, task="bucc")  # all four pairs asked for, two present
+        BitextEvaluator(BUCC_V1, task="bucc", prompts=E5)  # all four pairs asked for, two present
 
 
 def test_missing_column_names_file_line_field(tmp_path):
@@ -261,9 +278,9 @@ def test_other_errors(tmp_path):
     with pytest.raises(ConfigError, match="eval.languages.*no pairs \\['deu-eng'\\]"):
         load_bitext(TATOEBA, task="bucc", languages=["deu-eng"])
     with pytest.raises(ConfigError, match="eval.task"):
-        BitextEvaluator(TATOEBA, task="mlqa")
+        BitextEvaluator(TATOEBA, task="mlqa", prompts=E5)
     with pytest.raises(ConfigError, match="eval.direction"):
-        BitextEvaluator(TATOEBA, task="tatoeba", languages=TATOEBA_PAIRS, direction="both")
+        BitextEvaluator(TATOEBA, task="tatoeba", languages=TATOEBA_PAIRS, direction="both", prompts=E5)
     assert len(TASK_PAIRS["tatoeba"]) == 112 and len(set(TASK_PAIRS["tatoeba"])) == 112
 
 
@@ -324,7 +341,7 @@ def test_scores_equal_mtebs(mteb_task, folder, task, pairs, tmp_path):
     table = embedding_table()
     want = mteb_scores(mteb_task, folder, pairs, table, tmp_path / "hf")
     enc = TableEncoder(table)
-    got = BitextEvaluator(folder, task=task, languages=pairs, batch_size=4).evaluate(enc, tokenizer=None)
+    got = BitextEvaluator(folder, task=task, languages=pairs, batch_size=4, prompts=E5).evaluate(enc, tokenizer=None)
     for pair in pairs:
         assert {m: got[f"{task}/{pair}/{m}"] for m in ("precision", "recall", "f1", "accuracy")} == pytest.approx(
             {m: want[pair][m] for m in ("precision", "recall", "f1", "accuracy")}, rel=1e-12)
@@ -346,7 +363,7 @@ def test_backward_equals_mteb_on_swapped_columns(tmp_path):
                        [{"sentence1": r["sentence2"], "sentence2": r["sentence1"], "lang": r["lang"]} for r in rows])
     table = embedding_table(noise=1.0)
     want = mteb_scores("Tatoeba", swapped, TATOEBA_PAIRS, table, tmp_path / "hf")
-    ev = BitextEvaluator(TATOEBA, task="tatoeba", languages=TATOEBA_PAIRS, direction="backward")
+    ev = BitextEvaluator(TATOEBA, task="tatoeba", languages=TATOEBA_PAIRS, direction="backward", prompts=E5)
     # the same direction as the eval config and the --suite expose it
     for built in (ev, *_configured_backward(tmp_path)):
         got = built.evaluate(TableEncoder(table), tokenizer=None)
@@ -355,7 +372,8 @@ def test_backward_equals_mteb_on_swapped_columns(tmp_path):
             xxx, eng = pair.split("-")
             for m in ("precision", "recall", "f1", "accuracy"):
                 assert got[f"tatoeba_backward/{eng}-{xxx}/{m}"] == pytest.approx(want[pair][m], rel=1e-12)
-    forward = BitextEvaluator(TATOEBA, task="tatoeba", languages=TATOEBA_PAIRS).evaluate(TableEncoder(table), None)
+    forward = BitextEvaluator(TATOEBA, task="tatoeba", languages=TATOEBA_PAIRS, prompts=E5).evaluate(
+        TableEncoder(table), None)
     assert forward["tatoeba/f1"] != got["tatoeba_backward/f1"]
 
 
@@ -366,7 +384,7 @@ def _configured_backward(tmp_path) -> list[BitextEvaluator]:
 
     from hydra.utils import instantiate
 
-    from me5.app.evaluate import SUITES, SuiteState, _suite_plan
+    from me5.app.evaluate import SuiteState, _suite_plan, suite_config
     from tests.helpers import compose_cfg
 
     cfg = compose_cfg(["eval=bitext", f"eval.tatoeba_backward.data={TATOEBA}",
@@ -375,11 +393,16 @@ def _configured_backward(tmp_path) -> list[BitextEvaluator]:
     root = tmp_path / "data-root"
     root.mkdir()
     (root / "tatoeba").symlink_to(TATOEBA, target_is_directory=True)
-    assert "tatoeba_backward" in SUITES["paper"]
-    args = argparse.Namespace(suite="paper", benchmarks=["tatoeba_backward"], data_root=str(root), batch_size=64)
+    assert "tatoeba_backward" in suite_config("paper", data_root=root, output_dir=tmp_path)
+    args = argparse.Namespace(suite="paper", benchmarks=["tatoeba_backward"], data_root=str(root), batch_size=None,
+                              output_dir=None, query_max_length=None, passage_max_length=None, mteb_cache_dir=None,
+                              mteb_online=False)
     suite, inputs, _ = _suite_plan(args, PromptPolicy("e5"), work_dir=None, state=SuiteState(tmp_path / "out", {}))
     assert inputs == {"tatoeba_backward": list(TATOEBA_PAIRS)}
-    return [from_config, suite["tatoeba_backward"]]
+    # one protocol: the suite builds the eval group's node, batch size and length included (conf/eval/bitext.yaml)
+    built = suite["tatoeba_backward"]
+    assert (built.batch_size, built.max_length) == (from_config.batch_size, from_config.max_length) == (256, 512)
+    return [from_config, built]
 
 
 # ---------------------------------------------------------------------------------------------- evaluator
@@ -395,7 +418,7 @@ def test_prompts_on_both_sides(style, prefix):
     ev.evaluate(enc, tokenizer=None)
     (src, tgt) = enc.calls
     assert src["prefix"] == tgt["prefix"] == prefix
-    assert (src["max_length"], src["batch_size"]) == (77, 3)
+    assert (src["max_length"], src["max_batch"]) == (77, 3)
     pair = ev.data["deu-eng"]
     assert src["texts"] == pair.sources and tgt["texts"] == pair.targets  # raw texts: the encoder adds the prefix
     assert src["texts"][0] == "Die Katze schläft auf dem Sofa."
@@ -403,7 +426,7 @@ def test_prompts_on_both_sides(style, prefix):
 
 def test_evaluate_keys_and_macro():
     table = embedding_table()
-    got = BitextEvaluator(BUCC_V1, task="bucc", languages=BUCC_PAIRS).evaluate(TableEncoder(table), None)
+    got = BitextEvaluator(BUCC_V1, task="bucc", languages=BUCC_PAIRS, prompts=E5).evaluate(TableEncoder(table), None)
     metrics = ("precision", "recall", "f1", "accuracy")
     assert set(got) == {f"bucc/{m}" for m in metrics} | {f"bucc/{p}/{m}" for p in BUCC_PAIRS for m in metrics}
     for m in metrics:
@@ -415,20 +438,21 @@ def test_evaluate_keys_and_macro():
 def test_evaluator_from_loaded_pairs():
     pairs = load_bitext(TATOEBA, task="tatoeba", languages=TATOEBA_PAIRS)
     table = embedding_table()
-    a = BitextEvaluator(pairs, task="tatoeba", name="tat").evaluate(TableEncoder(table), None)
-    b = BitextEvaluator(TATOEBA, task="tatoeba", languages=TATOEBA_PAIRS).evaluate(TableEncoder(table), None)
+    a = BitextEvaluator(pairs, task="tatoeba", name="tat", prompts=E5).evaluate(TableEncoder(table), None)
+    b = BitextEvaluator(TATOEBA, task="tatoeba", languages=TATOEBA_PAIRS, prompts=E5).evaluate(
+        TableEncoder(table), None)
     assert {k.removeprefix("tat/"): v for k, v in a.items()} == {k.removeprefix("tatoeba/"): v for k, v in b.items()}
-    one = BitextEvaluator(pairs, task="tatoeba", languages=["fra-eng"])
+    one = BitextEvaluator(pairs, task="tatoeba", languages=["fra-eng"], prompts=E5)
     assert list(one.data) == ["fra-eng"]
     with pytest.raises(ConfigError, match="no data for \\['sqi-eng'\\]"):
-        BitextEvaluator(pairs, task="tatoeba", languages=["sqi-eng"])
+        BitextEvaluator(pairs, task="tatoeba", languages=["sqi-eng"], prompts=E5)
 
 
 def test_a_real_encoder_runs():
     """me5's Encoder (tiny, random) and a word-level tokenizer end to end: the keys and their ranges."""
     from tests import tiny
 
-    ev = BitextEvaluator(BUCC_V2, task="bucc", languages=["de-en"], batch_size=4, max_length=32)
+    ev = BitextEvaluator(BUCC_V2, task="bucc", languages=["de-en"], batch_size=4, max_length=32, prompts=E5)
     got = ev.evaluate(tiny.encoder(dropout=0.0), tiny.tokenizer())
     assert sorted(got) == sorted(f"bucc/{k}" for m in ("precision", "recall", "f1", "accuracy")
                                  for k in (m, f"de-en/{m}"))

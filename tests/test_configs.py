@@ -14,14 +14,14 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from me5.app.pipeline import batch_plans, build_loss, validate_config
+from me5.app.pipeline import build_loss, validate_config
 from me5.errors import ConfigError
 from tests.helpers import compose_cfg, group_options
 
 # arguments the app passes at run time, not in the config
 RUNTIME_KWARGS = {"encoder", "loss", "tokenizer", "evaluators", "save_dir", "run_name", "stage", "hparams",
                   "max_steps", "logger", "callbacks", "default_root_dir", "val_check_interval", "limit_val_batches",
-                  "prompts", "chunk_rows", "chunk_tokens", "dirpath", "run_config", "meta"}
+                  "prompts", "batch_plan", "dirpath", "run_config", "meta"}
 
 
 def _check_targets(node, path="") -> int:
@@ -94,12 +94,18 @@ def test_paper_mixture_weights_are_tables_1_and_2(tmp_path):
 
 
 @pytest.mark.parametrize("option", ["tiny", "small", "base", "large"])
-def test_model_paper_hyperparameters(option, tmp_path):
+def test_model_group_holds_the_encoder_and_the_experiments_the_paper_values(option, tmp_path):
+    """The model group holds the encoder and tokenizer only; the paper's per-size stage values come from
+    experiment/me5_<size>.yaml (the shared recipe plus the size's learning rates)."""
     cfg = compose_cfg([f"model={option}"], tmp_path=tmp_path)
+    assert set(cfg.model) == {"name", "tokenizer", "encoder"}
     expected = {"small": (3e-4, 3e-5), "base": (2e-4, 2e-5), "large": (1e-4, 1e-5)}
     if option in expected:
-        assert (cfg.model.pretrain.lr, cfg.model.finetune.lr) == expected[option]
-        assert cfg.model.pretrain.global_batch_size == 32768 and cfg.model.finetune.global_batch_size == 512
+        cfg = compose_cfg([f"experiment=me5_{option}"], tmp_path=tmp_path)
+        assert cfg.model.name == option
+        assert (cfg.stages.pretrain.lr, cfg.stages.finetune.lr) == expected[option]
+        assert cfg.stages.pretrain.global_batch_size == 32768 and cfg.stages.finetune.global_batch_size == 512
+        assert (cfg.stages.pretrain.max_steps, cfg.stages.finetune.max_steps) == (30000, 6250)
         assert cfg.stages.pretrain.module.optimizer.lr == expected[option][0]
     backbone = {"small": "microsoft/Multilingual-MiniLM-L12-H384", "base": "FacebookAI/xlm-roberta-base",
                 "large": "FacebookAI/xlm-roberta-large"}
@@ -110,7 +116,9 @@ def test_model_paper_hyperparameters(option, tmp_path):
 
 def test_instruct_experiment_is_large_with_the_instruct_policy(tmp_path):
     cfg = compose_cfg(["experiment=me5_large_instruct"], tmp_path=tmp_path)
-    assert cfg.prompts.style == "instruct" and cfg.model.name == "large" and list(cfg.stages) == ["finetune"]
+    from me5.app.pipeline import selected_stages
+
+    assert cfg.prompts.style == "instruct" and cfg.model.name == "large" and selected_stages(cfg) == ["finetune"]
     assert (cfg.stages.finetune.lr, cfg.stages.finetune.global_batch_size) == (1e-5, 512)  # "same as mE5-large"
 
 
@@ -131,17 +139,20 @@ def test_ddp_strategy_instantiates(tmp_path):
 
 def test_loss_terms_per_stage(tmp_path):
     cfg = compose_cfg([], tmp_path=tmp_path)
-    pre = build_loss(cfg.loss.terms, "pretrain")
-    fin = build_loss(cfg.loss.terms, "finetune")
+    specs = validate_config(cfg)
+    pre, fin = build_loss(cfg, specs["pretrain"]), build_loss(cfg, specs["finetune"])
     assert set(pre.terms) == {"infonce"} and set(fin.terms) == {"infonce", "kd"}
     assert fin.weights == {"infonce": 0.2, "kd": 1.0}
-    only = compose_cfg(["loss=[infonce]"], tmp_path=tmp_path)
-    assert set(build_loss(only.loss.terms, "finetune").terms) == {"infonce"}
+    for overrides in (["stages.finetune.loss_weights.kd=0", "stages.finetune.loss_weights.infonce=1.0"],
+                      ["experiment=ablation_no_kd"]):
+        only = compose_cfg(overrides, tmp_path=tmp_path)
+        loss = build_loss(only, validate_config(only)["finetune"])
+        assert set(loss.terms) == {"infonce"} and loss.weights == {"infonce": 1.0} and not loss.requires_teacher
 
 
 def test_temperature_override_reaches_every_term(tmp_path):
     cfg = compose_cfg(["loss.temperature=0.05"], tmp_path=tmp_path)
-    assert cfg.loss.terms.infonce.term.temperature == 0.05 and cfg.loss.terms.kd.term.temperature == 0.05
+    assert cfg.loss.terms.infonce.temperature == 0.05 and cfg.loss.terms.kd.temperature == 0.05
 
 
 def test_unknown_override_and_model_fail_with_the_name(tmp_path):
@@ -164,8 +175,12 @@ def test_unknown_override_and_model_fail_with_the_name(tmp_path):
         (["+stages.pretrain.module.scheduler.total_steps=10"], "stages.pretrain.module.scheduler.total_steps"),
         (["prompts.style=e6"], "prompts.style"),
         (["loss.temperature=0"], "loss.temperature"),
-        (["+loss.terms.infonce.weight.stage3=1.0"], "loss.terms.infonce.weight.stage3"),
-        (["loss.terms.infonce.weight.pretrain=0"], "weight.pretrain"),
+        (["+stages.pretrain.loss_weights.distill=1.0"], "stages.pretrain.loss_weights.distill"),
+        (["stages.pretrain.loss_weights.infonce=0"], "stages.pretrain.loss_weights"),
+        (["stages.finetune.loss_weights.kd=-1"], "stages.finetune.loss_weights.kd"),
+        (["loss=[infonce]"], "stages.finetune.loss_weights.kd"),
+        (["stages.pretrain.name=finetune"], "stages.pretrain.name"),
+        (["+stages.stage3.lr=1"], "stages.stage3"),
         (["stages.finetune.max_steps=0"], "stages.finetune.max_steps"),
     ],
 )
@@ -176,19 +191,24 @@ def test_contradictory_overrides_name_the_field(overrides, field, tmp_path):
 
 
 def test_batch_must_divide_world_size(tmp_path):
+    def plan(cfg, world):
+        return validate_config(cfg)["pretrain"].batch_plan(world)
+
     cfg = compose_cfg([], tmp_path=tmp_path)
-    plans = batch_plans(cfg, ["pretrain", "finetune"], 2)
-    assert (plans["pretrain"].per_device_batch_size, plans["pretrain"].rank_slice(1)) == (32, slice(32, 64))
+    specs = validate_config(cfg)
+    assert (specs["pretrain"].batch_plan(2).per_device_batch_size, specs["pretrain"].batch_plan(2).rank_slice(1)) == \
+        (32, slice(32, 64))
+    assert specs["finetune"].batch_plan(2).where == "stages.finetune"
     with pytest.raises(ConfigError, match=r"stages\.pretrain\.global_batch_size"):
-        batch_plans(cfg, ["pretrain"], 3)
+        plan(cfg, 3)
     cfg = compose_cfg(["stages.pretrain.per_device_batch_size=32"], tmp_path=tmp_path)
-    assert batch_plans(cfg, ["pretrain"], 2)["pretrain"].per_device_batch_size == 32
+    assert plan(cfg, 2).per_device_batch_size == 32
     with pytest.raises(ConfigError, match=r"stages\.pretrain\.per_device_batch_size"):
-        batch_plans(cfg, ["pretrain"], 4)
+        plan(cfg, 4)
     cfg = compose_cfg(["stages.pretrain.chunk_rows=32"], tmp_path=tmp_path)
-    assert batch_plans(cfg, ["pretrain"], 2)["pretrain"].chunk_rows == 32
+    assert plan(cfg, 2).chunk_rows == 32
     with pytest.raises(ConfigError, match=r"stages\.pretrain\.chunk_rows"):  # 32 > 64 / 4 devices
-        batch_plans(cfg, ["pretrain"], 4)
+        plan(cfg, 4)
 
 
 def test_launchers_compose(tmp_path):

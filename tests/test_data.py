@@ -256,7 +256,7 @@ def test_homogeneous_global_batches_across_two_ranks(tmp_path, tokenizer):
     dm = connected(_mixture(tmp_path, {"a": 1.0, "b": 1.0}, homogeneous=True), tokenizer, global_batch_size=8)
     coll = PairCollator(tokenizer)
     plan = BatchPlan.build(global_batch_size=8, world_size=2)
-    streams = [PairBatchStream(dm.examples, dm.weights(), collator=coll, formatters=dm._connected["formatters"],
+    streams = [PairBatchStream(dm.examples, dm.weights(), collator=coll, formatters=dm._connected.formatters,
                                batch_plan=plan, rank=r, seed=3, homogeneous=True) for r in range(2)]
     its = [iter(s) for s in streams]
     seen = set()

@@ -254,9 +254,14 @@ def _lightning_module(stage: str, options: dict):
     from me5.training import ContrastivePretraining, SupervisedFinetuning
     from tests import tiny
 
+    from me5.batching import BatchPlan
+
     cls = ContrastivePretraining if stage == "pretrain" else SupervisedFinetuning
+    options = dict(options)
+    chunks = {k: options.pop(k) for k in ("chunk_rows", "chunk_tokens") if k in options}
+    plan = BatchPlan.build(global_batch_size=L_QUERIES, **chunks)  # the module reads its chunking
     # grad_clip small enough to clip: checks the DTensor-aware clipping against torch's
-    return cls(tiny.encoder(dropout=0.0), tiny.loss(stage), grad_clip=0.05,
+    return cls(tiny.encoder(dropout=0.0), tiny.loss(stage), grad_clip=0.05, batch_plan=plan,
                optimizer=functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.01), **options)
 
 

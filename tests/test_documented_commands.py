@@ -1,4 +1,5 @@
-"""Every ``python -m me5.*`` command of ``README.md`` and ``experiments/*.md`` runs, in the dry run.
+"""Every ``python -m me5.*`` (and ``python -m benchmarks.*``) command of ``README.md`` and ``experiments/*.md`` runs,
+in the dry run.
 
 The commands are taken as the shell would run them: each fenced ``bash`` block is run by ``bash`` (loops, variables
 and line continuations expanded) with ``python`` and ``torchrun`` replaced by functions that record their
@@ -26,7 +27,7 @@ from tests.helpers import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "experiments").glob("*.md"))]
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
-INLINE = re.compile(r"`((?:[A-Z_]+=\S+ )*(?:python|torchrun[^`]*?) -m me5\.[\w.]+ [^`]+)`")
+INLINE = re.compile(r"`((?:[A-Z_]+=\S+ )*(?:python|torchrun[^`]*?) -m (?:me5|benchmarks)\.[\w.]+ [^`]+)`")
 CAPTURE = r"""
 python() { printf '%s\0' "$@" >> "$ME5_DOC_CAPTURE"; printf '\036' >> "$ME5_DOC_CAPTURE"; }
 torchrun() { python "$@"; }
@@ -53,7 +54,7 @@ def documented_commands(root: Path) -> list[tuple[str, list[str]]]:
         prose = FENCE.sub("", text)
         scripts += [(f"{doc.name} inline", m.group(1)) for m in INLINE.finditer(prose) if "..." not in m.group(1)]
         for where, script in scripts:
-            if "-m me5." not in script:
+            if "-m me5." not in script and "-m benchmarks." not in script:
                 continue
             capture = root / "capture.bin"
             capture.write_bytes(b"")
@@ -79,7 +80,7 @@ def _parse_only(module: str, args: list[str], monkeypatch) -> int:
         real(self, *a, **kw)
         raise _Parsed
 
-    target = module if module.startswith("me5.app.") else "me5.app." + module.split(".", 1)[1]
+    target = module if module.startswith(("me5.app.", "benchmarks.")) else "me5.app." + module.split(".", 1)[1]
     main = importlib.import_module(target).main
     with monkeypatch.context() as m:
         m.setattr(argparse.ArgumentParser, "parse_known_args", parse_then_stop)
@@ -125,7 +126,7 @@ def test_every_documented_command_runs_in_the_dry_run(in_paper_tree, capsys, mon
     # the extraction finds what the docs hold: the README's training, data, sweep and evaluation commands, the
     # experiments' pipeline (mine and score loops expanded per source), and the benchmarks
     assert {"me5.train", "me5.evaluate", "me5.mine", "me5.score", "me5.prepare", "me5.app.convert_miracl",
-            "me5.app.bench", "me5.app.bench_data"} <= modules
+            "benchmarks.train_step", "benchmarks.data_loader"} <= modules
     trains = [(w, a[1:]) for w, a in commands if a[0] == "me5.train"]
     assert len(trains) >= 14 and sum(a[0] == "me5.mine" for _, a in commands) >= 4
     failures, seen = [], set()

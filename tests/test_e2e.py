@@ -31,21 +31,29 @@ SHORT = [
     "logger=csv",
     "trainer.enable_progress_bar=false",
     "trainer.log_every_n_steps=1",
-    "model.pretrain.max_steps=6",
-    "model.pretrain.global_batch_size=16",
-    "model.finetune.max_steps=4",
-    "model.finetune.global_batch_size=8",
+    "stages.pretrain.max_steps=6",
+    "stages.pretrain.global_batch_size=16",
+    "stages.finetune.max_steps=4",
+    "stages.finetune.global_batch_size=8",
     # warm-up may not outlast a stage: the golden run's LRs (2e-3 * (step+1)/30 and 2e-3 * (step+1)/10, warm-up
     # never ending inside the 6 / 4 steps) written as a warm-up as long as the stage at a peak LR scaled to match
-    "model.pretrain.warmup_steps=6",
-    "model.pretrain.lr=4e-4",
-    "model.finetune.warmup_steps=4",
-    "model.finetune.lr=8e-4",
+    "stages.pretrain.warmup_steps=6",
+    "stages.pretrain.lr=4e-4",
+    "stages.finetune.warmup_steps=4",
+    "stages.finetune.lr=8e-4",
 ]
 
 
 def cfg_for(tmp_path, data_dir, extra=()):
-    return compose_cfg([f"paths.data_dir={data_dir}", *SHORT, *extra], tmp_path=tmp_path)
+    """The short run; with ``stage=[...]`` in ``extra`` only the selected stages' fields are overridden (a stage
+    that does not run has no ``stages.<stage>`` node to override)."""
+    chosen = next((e.split("=", 1)[1].strip("[]").split(",") for e in extra if e.startswith("stage=")), None)
+    return compose_cfg([f"paths.data_dir={data_dir}", *short(*(chosen or ())), *extra], tmp_path=tmp_path)
+
+
+def short(*stages: str) -> list[str]:
+    """:data:`SHORT` for the given stages only (all when none is given)."""
+    return [o for o in SHORT if not stages or not o.startswith("stages.") or o.split(".")[1] in stages]
 
 
 def losses(run_dir: Path, stage: str) -> list[float]:
@@ -86,9 +94,9 @@ def test_golden_losses_and_outputs(tmp_path, data_dir):
 
 def test_training_beats_the_untrained_baseline(tmp_path, data_dir):
     torch.set_num_threads(2)
-    results = run(cfg_for(tmp_path, data_dir, ["stage=[pretrain]", "model.pretrain.max_steps=150",
-                                               "model.pretrain.warmup_steps=30", "model.pretrain.lr=2e-3",
-                                               "model.pretrain.global_batch_size=64", "trainer.log_every_n_steps=50"]))
+    results = run(cfg_for(tmp_path, data_dir, ["stage=[pretrain]", "stages.pretrain.max_steps=150",
+                                               "stages.pretrain.warmup_steps=30", "stages.pretrain.lr=2e-3",
+                                               "stages.pretrain.global_batch_size=64", "trainer.log_every_n_steps=50"]))
     before, after = results["untrained"]["sample/ndcg@10"], results["pretrain"]["sample/ndcg@10"]
     assert after > before + 0.15, (before, after)  # measured: 0.33 -> 0.53
 
@@ -161,7 +169,7 @@ def test_two_process_ddp_pipeline(tmp_path, data_dir):
 
 
 def test_sweep_is_one_multirun_with_the_parameter_logged(tmp_path, data_dir):
-    r = _cli(["-m", f"paths.data_dir={data_dir}", "hydra.sweep.dir=" + str(tmp_path / "sweep"), *SHORT,
+    r = _cli(["-m", f"paths.data_dir={data_dir}", "hydra.sweep.dir=" + str(tmp_path / "sweep"), *short("pretrain"),
               "stage=[pretrain]", "eval=none", "eval_baseline=false", "logger=wandb",
               "loss.temperature=0.02,0.05"], env_extra={"WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -223,7 +231,7 @@ def test_a_failed_check_leaves_only_hydras_files(tmp_path):
 # ---------------------------------------------------------------------------------------------- the schedule
 def test_the_schedule_follows_the_stage_steps(tmp_path, data_dir):
     """Overriding stages.pretrain.max_steps moves the schedule: the LR decays to 0 at the stage's last step
-    (it used to span model.pretrain.max_steps = 300 whatever the stage ran)."""
+    (it used to span stages.pretrain.max_steps = 300 whatever the stage ran)."""
     from me5.training.schedules import warmup_decay
 
     run(cfg_for(tmp_path, data_dir, ["stage=[pretrain]", "eval=none", "eval_baseline=false",
@@ -261,8 +269,13 @@ def test_instruct_experiment_trains_evaluates_and_exports_with_the_instruct_poli
     monkeypatch.setattr(PairCollator, "__call__", spy)
     cfg = cfg_for(tmp_path, data_dir, ["experiment=me5_large_instruct", "model=tiny", "data=sample", "eval=sample",
                                        "trainer=cpu", "logger=csv", "eval_baseline=false", "checkpoint_every=500",
-                                       "start_from=null"])  # explicitly: the tiny model's own initialisation
-    assert cfg.prompts.style == "instruct" and list(cfg.stages) == ["finetune"]
+                                       "start_from=null",  # explicitly: the tiny model's own initialisation
+                                       # the sample data's negatives and the tiny model's lengths, not the paper's
+                                       "stages.finetune.n_negatives=3", "stages.finetune.query_max_length=64",
+                                       "stages.finetune.passage_max_length=64"])
+    from me5.app.pipeline import selected_stages
+
+    assert cfg.prompts.style == "instruct" and selected_stages(cfg) == ["finetune"]
     results = run(cfg)
     template = f"Instruct: {TASKS['generic']}\nQuery: "  # the sample source's task
     assert seen and all(it["query"].startswith(template) for it in seen)
@@ -338,7 +351,7 @@ def test_eval_after_job_leaves_the_evaluation_to_its_own_job(tmp_path, data_dir)
     from me5.app.evaluate import main as evaluate_main
 
     run_dir = tmp_path / "r"
-    r = _cli([f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *SHORT, "stage=[pretrain]", "eval_after=job"])
+    r = _cli([f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *short("pretrain"), "stage=[pretrain]", "eval_after=job"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["results"] == {}  # nothing evaluated in training
     script = (run_dir / "evaluate_pretrain.sh").read_text()
@@ -373,7 +386,7 @@ def test_killed_runs_resume_to_the_uninterrupted_weights_and_history(tmp_path, d
     term_at = rng.randint(1, 3)  # SIGTERM when step term_at starts: last.ckpt of step term_at + 1
     # SIGKILL when a step starts that no checkpoint ends, after the SIGTERM's checkpoint: work is lost
     kill_at = rng.choice([s for s in range(term_at + 2, 6) if s % every])
-    common = [f"paths.data_dir={data_dir}", *SHORT, "stage=[pretrain]", "eval=none", "eval_baseline=false",
+    common = [f"paths.data_dir={data_dir}", *short("pretrain"), "stage=[pretrain]", "eval=none", "eval_baseline=false",
               f"checkpoint_every={every}"]
     ref = tmp_path / "ref"
     assert _cli([*common, f"hydra.run.dir={ref}"]).returncode == 0
@@ -437,7 +450,7 @@ def test_sigusr1_on_slurm_saves_the_step_requeues_the_job_and_exits_non_zero(tmp
              "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
              "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     run_dir = tmp_path / "r"
-    r = _cli([f"paths.data_dir={data_dir}", *SHORT, "stage=[pretrain]", "eval=none", "eval_baseline=false",
+    r = _cli([f"paths.data_dir={data_dir}", *short("pretrain"), "stage=[pretrain]", "eval=none", "eval_baseline=false",
               "checkpoint_every=100", f"hydra.run.dir={run_dir}", "+callbacks.kill._target_=tests.helpers.SignalAtStep",
               "+callbacks.kill.step=2", "+callbacks.kill.signal=SIGUSR1", f"+callbacks.kill.marker={tmp_path / 'sig'}"],
              env_extra=slurm)
@@ -542,7 +555,7 @@ def test_stage_two_from_mined_and_scored_data_beats_stage_one(tmp_path, data_dir
     assert score(["--data", str(tmp_path / "mined"), "--model", str(ce), "--out", str(tmp_path / "scored")]) == 0
     s2 = run(cfg_for(tmp_path / "s2", data_dir, [
         "stage=[finetune]", "eval_baseline=false", "data=files", f"data.finetune.path={tmp_path / 'scored'}",
-        f"stages.finetune.init_from={export}", "model.finetune.max_steps=12"]))["finetune"]
+        f"stages.finetune.init_from={export}", "stages.finetune.max_steps=12"]))["finetune"]
     assert s2["sample/ndcg@10"] > s1["sample/ndcg@10"] + 0.02, (s1["sample/ndcg@10"], s2["sample/ndcg@10"])
 
 
@@ -579,9 +592,10 @@ def test_the_baseline_is_written_when_stage_one_starts_and_not_evaluated_again(t
     import lightning as L
 
     import me5.app.pipeline as pipeline
+    import me5.training.run as run_loop
 
     torch.set_num_threads(2)
-    real_build, real_eval = pipeline.build_callbacks, pipeline.evaluate_all
+    real_build, real_eval = pipeline.build_callbacks, run_loop.evaluate_all
     calls = []
 
     class NodeLost(L.Callback):
@@ -595,7 +609,7 @@ def test_the_baseline_is_written_when_stage_one_starts_and_not_evaluated_again(t
         calls.append(encoder.training)
         return real_eval(evaluators, encoder, tokenizer, **kw)
 
-    monkeypatch.setattr(pipeline, "evaluate_all", counted)
+    monkeypatch.setattr(run_loop, "evaluate_all", counted)
     monkeypatch.setattr(pipeline, "build_callbacks", dies_in_pretrain)
     cfg = cfg_for(tmp_path, data_dir, ["logger=csv"])
     with pytest.raises(RuntimeError, match="node lost"):

@@ -27,7 +27,8 @@ from me5.errors import ConfigError, DataError
 from me5.prompts import PromptPolicy
 
 # Kept light at module level (no me5.data / Lightning): the spawned encoding workers import this module.
-PREFIX = PromptPolicy("e5").document()
+E5 = PromptPolicy("e5")
+PREFIX = E5.document()
 N_DOCS = 24
 
 
@@ -435,19 +436,19 @@ def test_evaluator_work_dir_and_in_memory_agree_with_a_real_encoder(tmp_path):
 
     data = load_beir(write_beir(tmp_path / "data"))
     enc, tok = _encoder(), _tokenizer()
-    kw = {"name": "s", "query_max_length": 32, "passage_max_length": 48, "batch_size": 2}
+    kw = {"name": "s", "query_max_length": 32, "passage_max_length": 48, "batch_size": 2, "prompts": E5}
     mem = RetrievalEvaluator(data, **kw).evaluate(enc, tok)
     shard = RetrievalEvaluator(data, work_dir=tmp_path / "w", shard_rows=2, **kw).evaluate(enc, tok)
     assert shard.keys() == mem.keys() and all(shard[k] == pytest.approx(mem[k], abs=1e-6) for k in mem)
     assert EmbeddingShards(tmp_path / "w" / "s" / "all").fingerprint["prefix"] == PromptPolicy("e5").document()
     # a later model replaces the folder (overwrite): the evaluator's work dir is a cache
     RetrievalEvaluator(data, work_dir=tmp_path / "w", shard_rows=2, **kw).evaluate(_encoder(seed=5), tok)
-    ev = RetrievalEvaluator(data)
+    ev = RetrievalEvaluator(data, prompts=E5)
     assert (ev.query_max_length, ev.passage_max_length, ev.precision, ev.search) == (512, 512, "fp16", "exact")
     with pytest.raises(ConfigError, match="eval.search"):
-        RetrievalEvaluator(data, search="bm25")
+        RetrievalEvaluator(data, search="bm25", prompts=E5)
     with pytest.raises(ConfigError, match="eval.precision"):
-        RetrievalEvaluator(data, precision="int8")
+        RetrievalEvaluator(data, precision="int8", prompts=E5)
 
 
 # ---------------------------------------------------------------------------------------------- distributed search

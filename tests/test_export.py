@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from me5.embed.encode import encode_texts
 from me5.export import export_encoder
 from me5.models.encoder import Encoder
 from me5.prompts import PromptPolicy
@@ -82,7 +83,8 @@ def test_automodel_reload_finds_every_weight(tiny_tokenizer, tmp_path, hf_warnin
     enc = build_tiny_encoder(tiny_tokenizer)
     assert enc.backbone.pooler is None and enc.pooler_state is None  # from scratch: no pooler to keep
     out = export_encoder(
-        enc, tiny_tokenizer, tmp_path / "model", extra_metadata={"git_sha": "abc123", "lr": 1e-4}
+        enc, tiny_tokenizer, tmp_path / "model", prompts=PromptPolicy("e5"),
+        extra_metadata={"git_sha": "abc123", "lr": 1e-4},
     )
     batch = tiny_tokenizer(TEXTS, padding=True, return_tensors="pt")
     reloaded, info = AutoModel.from_pretrained(out, output_loading_info=True)  # add_pooling_layer=True
@@ -107,7 +109,7 @@ def test_encoder_round_trip_keeps_embeddings_and_pooler(tiny_tokenizer, tmp_path
     from transformers import AutoModel
 
     enc = build_tiny_encoder(tiny_tokenizer)
-    out = enc.save_pretrained(tmp_path / "a", tiny_tokenizer)
+    out = export_encoder(enc, tiny_tokenizer, tmp_path / "a", prompts=PromptPolicy("e5"))
     reloaded = Encoder.from_pretrained(str(out), tokenizer=tiny_tokenizer).eval()
     assert not hf_warnings, _messages(hf_warnings)  # the checkpoint's pooler is not an UNEXPECTED key
     # no pooler module, no pooler parameters (DDP), but the checkpoint's pooler is kept for the next export
@@ -117,8 +119,8 @@ def test_encoder_round_trip_keeps_embeddings_and_pooler(tiny_tokenizer, tmp_path
     assert sorted(reloaded.pooler_state) == ["pooler.dense.bias", "pooler.dense.weight"]
     for prefix in ("query: ", "passage: "):
         torch.testing.assert_close(
-            reloaded.encode(TEXTS, tiny_tokenizer, prefix=prefix),
-            enc.encode(TEXTS, tiny_tokenizer, prefix=prefix),
+            encode_texts(reloaded, tiny_tokenizer, TEXTS, prefix=prefix),
+            encode_texts(enc, tiny_tokenizer, TEXTS, prefix=prefix),
             atol=0,
             rtol=0,
         )
@@ -127,7 +129,7 @@ def test_encoder_round_trip_keeps_embeddings_and_pooler(tiny_tokenizer, tmp_path
     torch.manual_seed(1)
     pooler = {"pooler.dense.weight": torch.randn(enc.dim, enc.dim), "pooler.dense.bias": torch.randn(enc.dim)}
     reloaded.pooler_state = pooler
-    again = reloaded.save_pretrained(tmp_path / "b", tiny_tokenizer)
+    again = export_encoder(reloaded, tiny_tokenizer, tmp_path / "b", prompts=PromptPolicy("e5"))
     twice = Encoder.from_pretrained(str(again))
     for key, value in pooler.items():
         torch.testing.assert_close(twice.pooler_state[key], value, atol=0, rtol=0)
@@ -163,10 +165,11 @@ def test_max_seq_length_is_the_models_own(tmp_path, positions, want):
         tokenizer=tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=positions,
     )
-    assert _sentence_bert_length(enc.save_pretrained(tmp_path / "default", tok)) == want
+    e5 = PromptPolicy("e5")
+    assert _sentence_bert_length(export_encoder(enc, tok, tmp_path / "default", prompts=e5)) == want
     # an explicit length is kept when it fits and capped at the positions when it does not
-    assert _sentence_bert_length(enc.save_pretrained(tmp_path / "short", tok, max_seq_length=32)) == 32
-    assert _sentence_bert_length(enc.save_pretrained(tmp_path / "long", tok, max_seq_length=4096)) == want
+    assert _sentence_bert_length(export_encoder(enc, tok, tmp_path / "short", prompts=e5, max_seq_length=32)) == 32
+    assert _sentence_bert_length(export_encoder(enc, tok, tmp_path / "long", prompts=e5, max_seq_length=4096)) == want
 
 
 def test_max_seq_length_follows_the_tokenizer_limit(tiny_tokenizer, tmp_path):
@@ -174,7 +177,7 @@ def test_max_seq_length_follows_the_tokenizer_limit(tiny_tokenizer, tmp_path):
 
     enc = build_tiny_encoder(tiny_tokenizer)  # 514 positions (512 usable); the tokenizer says 128
     assert tiny_tokenizer.model_max_length == 128
-    out = enc.save_pretrained(tmp_path / "model", tiny_tokenizer)
+    out = export_encoder(enc, tiny_tokenizer, tmp_path / "model", prompts=PromptPolicy("e5"))
     assert _sentence_bert_length(out) == 128
     assert SentenceTransformer(str(out), device="cpu").max_seq_length == 128
 
@@ -188,8 +191,8 @@ def test_sentence_transformers_reproduces_encode(
     from sentence_transformers import SentenceTransformer
 
     enc = build_tiny_encoder(tiny_tokenizer, pooling=pooling, normalize=normalize)
-    out = enc.save_pretrained(
-        tmp_path / "model", tiny_tokenizer, prompts=PromptPolicy("e5")
+    out = export_encoder(
+        enc, tiny_tokenizer, tmp_path / "model", prompts=PromptPolicy("e5")
     )
     modules = json.loads((out / "modules.json").read_text())
     assert [m["path"] for m in modules] == ["", "1_Pooling", "2_Normalize"][: 3 if normalize else 2]
@@ -200,11 +203,11 @@ def test_sentence_transformers_reproduces_encode(
     assert not hf_warnings, _messages(hf_warnings)
     for prompt_name, prefix in (("query", "query: "), ("passage", "passage: ")):
         got = st.encode(TEXTS, prompt_name=prompt_name, convert_to_tensor=True)
-        want = enc.encode(TEXTS, tiny_tokenizer, prefix=prefix)
+        want = encode_texts(enc, tiny_tokenizer, TEXTS, prefix=prefix)
         torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(
         st.encode_document(TEXTS, convert_to_tensor=True),
-        enc.encode(TEXTS, tiny_tokenizer, prefix="passage: "),
+        encode_texts(enc, tiny_tokenizer, TEXTS, prefix="passage: "),
         atol=1e-5,
         rtol=0,
     )
@@ -219,31 +222,31 @@ def test_real_minilm_matches_sentence_transformers_and_round_trips(tmp_path):
     tok = AutoTokenizer.from_pretrained(path)
     enc = Encoder.from_pretrained(path, pooling="mean", normalize=True, tokenizer=tok).eval()
     st = SentenceTransformer(path, device="cpu")
-    want = enc.encode(TEXTS, tok, prefix="")
+    want = encode_texts(enc, tok, TEXTS, prefix="")
     torch.testing.assert_close(st.encode(TEXTS, convert_to_tensor=True), want, atol=1e-5, rtol=0)
 
-    out = export_encoder(enc, tok, tmp_path / "minilm", max_seq_length=256)
+    out = export_encoder(enc, tok, tmp_path / "minilm", prompts=PromptPolicy("e5"), max_seq_length=256)
     st2 = SentenceTransformer(str(out), device="cpu")
     assert st2.max_seq_length == 256
     got = st2.encode(TEXTS, prompt_name="query", convert_to_tensor=True)
-    torch.testing.assert_close(got, enc.encode(TEXTS, tok, prefix="query: "), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, encode_texts(enc, tok, TEXTS, prefix="query: "), atol=1e-5, rtol=0)
     reloaded = Encoder.from_pretrained(str(out), tokenizer=tok)
-    torch.testing.assert_close(reloaded.encode(TEXTS, tok, prefix="query: "), got, atol=1e-5, rtol=0)
+    torch.testing.assert_close(encode_texts(reloaded, tok, TEXTS, prefix="query: "), got, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(("pooling", "normalize"), [("cls", False), ("last", True)])
 def test_the_consistency_filter_reads_an_export_as_evaluate_does(tiny_tokenizer, tmp_path, pooling, normalize):
     """``model_embedder`` (the consistency filter's scorer) takes pooling and normalisation from the export's
     me5.json, like ``me5.evaluate``: its vectors equal the exported encoder's, not a mean-pooled reload's."""
-    from me5.embed.consistency import model_embedder
+    from me5.mining.consistency import model_embedder
 
     enc = build_tiny_encoder(tiny_tokenizer, pooling=pooling, normalize=normalize).eval()
-    out = enc.save_pretrained(tmp_path / "m", tiny_tokenizer)
+    out = export_encoder(enc, tiny_tokenizer, tmp_path / "m", prompts=PromptPolicy("e5"))
     policy = PromptPolicy("e5")
     embed = model_embedder(str(out), prompts=policy, device="cpu", max_length=64)
     for kind, prefix in (("query", policy.query()), ("passage", policy.document())):
-        want = enc.encode(TEXTS, tiny_tokenizer, prefix=prefix, max_length=64)
+        want = encode_texts(enc, tiny_tokenizer, TEXTS, prefix=prefix, max_length=64)
         torch.testing.assert_close(torch.from_numpy(embed(TEXTS, kind)), want, atol=1e-6, rtol=0)
     default = Encoder.from_pretrained(str(out), tokenizer=tiny_tokenizer).eval()  # what it used to build
-    assert not torch.allclose(default.encode(TEXTS, tiny_tokenizer, prefix=policy.query(), max_length=64),
+    assert not torch.allclose(encode_texts(default, tiny_tokenizer, TEXTS, prefix=policy.query(), max_length=64),
                               torch.from_numpy(embed(TEXTS, "query")), atol=1e-3)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from me5.batching import BatchPlan
 from me5.data import ItemFormatter, PairCollator, PairExample, Source, to_example
 from me5.data.shards import PrepareOptions, prepare
 from me5.data.sources.instructions import SyntheticInstructions
@@ -17,6 +18,7 @@ from me5.data.sources.stage2 import STAGE2_SOURCES
 from me5.embed.encode import encode_texts
 from me5.errors import ConfigError, DataError
 from me5.eval.mteb import CQADUPSTACK_INSTRUCTION, TASK_INSTRUCTIONS, TYPE_INSTRUCTIONS
+from me5.export import export_encoder
 from me5.models.encoder import Encoder
 from me5.models.pooling import without_prompt
 from me5.prompts import TASKS, PromptPolicy, prompt_token_count
@@ -60,7 +62,7 @@ def test_bad_instruction_fields_name_file_line_and_field(fields, field, message)
 def test_a_record_instruction_and_symmetry_win_over_the_source(tmp_path):
     src = Source(str(write_jsonl(tmp_path / "r.jsonl", [{"query": "q", "positive": "p"}])), task="miracl")
     rng = np.random.default_rng(0)
-    instruct = ItemFormatter.for_source(src, PromptPolicy("instruct"))
+    instruct = ItemFormatter.for_source(src, prompts=PromptPolicy("instruct"))
     plain = PairExample("q", "p")
     own = PairExample("q", "p", instruction=RETRIEVAL)
     sym = PairExample("q", "p", instruction=TASKS["sts"], symmetric=True)
@@ -70,7 +72,7 @@ def test_a_record_instruction_and_symmetry_win_over_the_source(tmp_path):
     assert (item["query_prompt"], item["passage_prompt"]) == (f"Instruct: {RETRIEVAL}\nQuery: ", "")
     item = instruct(sym, rng=rng)  # symmetric: the instruction on both sides (unilm, symmetric tasks)
     assert item["passages"] == [f"Instruct: {TASKS['sts']}\nQuery: p"]
-    e5 = ItemFormatter.for_source(src, PromptPolicy("e5"))
+    e5 = ItemFormatter.for_source(src, prompts=PromptPolicy("e5"))
     assert e5(own, rng=rng)["query"] == "query: q" and e5(own, rng=rng)["passages"] == ["passage: p"]
     assert e5(sym, rng=rng)["passages"] == ["query: p"]  # E5: a symmetric pair is query: on both sides
 
@@ -176,7 +178,7 @@ def test_without_prompt_equals_sentence_transformers_mask(left):
 def test_prompt_token_count_equals_sentence_transformers(tok, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    out = build_tiny_encoder(tok).save_pretrained(tmp_path / "m", tok)
+    out = export_encoder(build_tiny_encoder(tok), tok, tmp_path / "m", prompts=PromptPolicy("e5"))
     st_model = SentenceTransformer(str(out), device="cpu")
     for prompt in ("query: ", "passage: ", f"Instruct: {RETRIEVAL}\nQuery: ", "Instruct: x\nQuery: ", "", "a"):
         ours = prompt_token_count(tok, prompt)
@@ -193,30 +195,30 @@ TEXTS = ["a cat sits on the mat", "кошка сидит", "猫", "the quick bro
 
 @pytest.mark.parametrize("style", ["e5", "instruct"])
 def test_export_without_prompt_pooling_equals_sentence_transformers(tok, tmp_path, style):
-    """me5's encode paths (Encoder.encode, the sharded core) == SentenceTransformer(export) with its prompts and
+    """me5's encode path (encode_texts) == SentenceTransformer(export) with its prompts and
     include_prompt=False; me5.evaluate loads the setting back; pooling over the prompt gives other vectors."""
     from sentence_transformers import SentenceTransformer
 
-    from me5.app.evaluate import load_model, read_model_settings
+    from me5.models.saved import load_model, read_saved_settings
 
     enc = build_tiny_encoder(tok)
     enc.include_prompt = False
     policy = PromptPolicy(style)
-    out = enc.save_pretrained(tmp_path / "m", tok, prompts=policy, instruction=RETRIEVAL)
+    out = export_encoder(enc, tok, tmp_path / "m", prompts=policy, instruction=RETRIEVAL)
     assert json.loads((out / "1_Pooling" / "config.json").read_text())["include_prompt"] is False
     assert json.loads((out / "me5.json").read_text())["include_prompt"] is False
     st_model = SentenceTransformer(str(out), device="cpu")
     for name, prefix in (("query", policy.query(RETRIEVAL)), ("document", policy.document(RETRIEVAL))):
         theirs = st_model.encode(TEXTS, prompt_name=name, convert_to_tensor=True)
-        torch.testing.assert_close(enc.encode(TEXTS, tok, prefix=prefix), theirs, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(encode_texts(enc, tok, TEXTS, prefix=prefix), theirs, atol=1e-5, rtol=1e-4)
-    settings = read_model_settings(str(out))
-    assert settings["include_prompt"] is False
+    settings = read_saved_settings(out)
+    assert settings.include_prompt is False
     loaded, _, _ = load_model(str(out), settings, "cpu")
     q = policy.query(RETRIEVAL)
-    torch.testing.assert_close(loaded.encode(TEXTS, tok, prefix=q), enc.encode(TEXTS, tok, prefix=q))
+    torch.testing.assert_close(encode_texts(loaded, tok, TEXTS, prefix=q), encode_texts(enc, tok, TEXTS, prefix=q))
     enc.include_prompt = True
-    assert not torch.allclose(enc.encode(TEXTS, tok, prefix=q), loaded.encode(TEXTS, tok, prefix=q), atol=1e-3)
+    assert not torch.allclose(encode_texts(enc, tok, TEXTS, prefix=q), encode_texts(loaded, tok, TEXTS, prefix=q),
+                              atol=1e-3)
 
 
 def _collated(tok, tmp_path, style="instruct"):
@@ -224,7 +226,7 @@ def _collated(tok, tmp_path, style="instruct"):
              "teacher_scores": [2.0, 1.0], "instruction": RETRIEVAL if i % 2 else None,
              "symmetric": True if i == 3 else None} for i, t in enumerate(TEXTS)]
     src = Source(str(write_jsonl(tmp_path / "d.jsonl", recs)), task="miracl")
-    fmt = ItemFormatter.for_source(src, PromptPolicy(style), n_negatives=1)
+    fmt = ItemFormatter.for_source(src, prompts=PromptPolicy(style), n_negatives=1)
     items = [fmt(ex, rng=np.random.default_rng(0)) for ex in src.load_examples()[0]]
     return items, PairCollator(tok, query_max_length=128, passage_max_length=128)(items)
 
@@ -249,7 +251,9 @@ def test_training_pools_the_same_tokens_as_evaluation(tok, tmp_path):
             torch.testing.assert_close(p[2 * i + j: 2 * i + j + 1], ref, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("chunking", [dict(chunk_rows=2), dict(chunk_tokens=40, sort_by_length=True)])
+@pytest.mark.parametrize("chunking", [dict(batch_plan=BatchPlan.build(global_batch_size=4, chunk_rows=2)),
+                                      dict(batch_plan=BatchPlan.build(global_batch_size=4, chunk_tokens=40),
+                                           sort_by_length=True)])
 def test_gradcache_without_prompt_pooling_equals_the_plain_step(tok, tmp_path, chunking):
     from me5.training import SupervisedFinetuning
 

@@ -108,9 +108,9 @@ TINY = [
     "trainer.log_every_n_steps=1",
     "stage=[pretrain]",
     "eval_baseline=false",
-    "model.pretrain.max_steps=2",
-    "model.pretrain.global_batch_size=8",
-    "model.pretrain.warmup_steps=2",
+    "stages.pretrain.max_steps=2",
+    "stages.pretrain.global_batch_size=8",
+    "stages.pretrain.warmup_steps=2",
 ]
 
 
@@ -129,7 +129,7 @@ def test_submitit_local_sweep_runs_a_tiny_job(tmp_path):
     results = list((sweep / ".submitit").glob("*/*_0_result.pkl"))
     assert len(results) == 1, sorted(p.name for p in (sweep / ".submitit").rglob("*"))
     assert "loss.temperature" not in (job / ".hydra" / "overrides.yaml").read_text()
-    assert "model.pretrain.max_steps=2" in (job / ".hydra" / "overrides.yaml").read_text()
+    assert "stages.pretrain.max_steps=2" in (job / ".hydra" / "overrides.yaml").read_text()
     # and it finished: metrics, the training history, the stage's checkpoint and export
     payload = json.loads((job / "metrics.json").read_text())
     assert set(payload["results"]) == {"pretrain"} and "sample/ndcg@10" in payload["results"]["pretrain"]
@@ -166,8 +166,8 @@ def test_submitit_local_requeues_a_preempted_job_which_resumes_to_the_same_weigh
     cmd = [sys.executable, "-m", "me5.train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
            f"hydra.sweep.dir={sweep}", f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path / 'logs'}",
            "logger=csv", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "stage=[pretrain]",
-           "eval=none", "eval_baseline=false", "model.pretrain.max_steps=6", "model.pretrain.global_batch_size=16",
-           "model.pretrain.warmup_steps=6", "checkpoint_every=2",
+           "eval=none", "eval_baseline=false", "stages.pretrain.max_steps=6", "stages.pretrain.global_batch_size=16",
+           "stages.pretrain.warmup_steps=6", "checkpoint_every=2",
            "+callbacks.kill._target_=tests.helpers.SignalAtStep", "+callbacks.kill.signal=SIGTERM",
            "+callbacks.kill.marker=${paths.output_dir}/signalled", "+callbacks.kill.step=2,99"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

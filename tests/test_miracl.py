@@ -13,8 +13,10 @@ import torch
 from me5.errors import ConfigError, DataError
 from me5.eval.miracl import LANGUAGES, MARKER, convert_miracl
 from me5.eval.retrieval import RetrievalEvaluator, load_beir
+from me5.prompts import PromptPolicy
 from tests.helpers import ROOT
 
+E5 = PromptPolicy("e5")
 FIXTURE = ROOT / "tests" / "fixtures" / "miracl"
 
 
@@ -69,7 +71,7 @@ def test_converted_fixture_loads_and_evaluates(raw, tmp_path):
     assert sorted(data) == ["sw", "te"]
     assert set(data["sw"].queries) == {"0", "1", "2"} and len(data["sw"].corpus) == 5
     assert data["te"].qrels == {"100": {"10#0": 1}, "101": {"11#0": 2, "10#0": 0}}
-    metrics = RetrievalEvaluator(data, name="miracl", k_values=(10, 100)).evaluate(TopicEncoder(), None)
+    metrics = RetrievalEvaluator(data, name="miracl", k_values=(10, 100), prompts=E5).evaluate(TopicEncoder(), None)
     assert metrics["miracl/sw/ndcg@10"] == pytest.approx(1.0)
     assert metrics["miracl/te/recall@100"] == pytest.approx(1.0)
     assert metrics["miracl/ndcg@10"] == pytest.approx(1.0)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from me5.batching import BatchPlan
 from me5.errors import ConfigError
 from me5.gradcache import plan_chunks
 from me5.training import ContrastivePretraining, SupervisedFinetuning
@@ -30,6 +31,9 @@ SEED = 4321
 def make_module(stage: str, *, dropout: float = 0.1, **kwargs):
     cls = ContrastivePretraining if stage == "pretrain" else SupervisedFinetuning
     kwargs.setdefault("grad_clip", None)
+    chunks = {k: kwargs.pop(k) for k in ("chunk_rows", "chunk_tokens") if k in kwargs}
+    if chunks:  # the stage's batch plan, as the run loop hands it over
+        kwargs["batch_plan"] = BatchPlan.build(global_batch_size=N_QUERIES, **chunks)
     return cls(
         tiny.encoder(dropout=dropout),
         tiny.loss(stage),

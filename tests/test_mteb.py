@@ -28,7 +28,9 @@ from mteb.mocks.mock_tasks import (  # noqa: E402
 from mteb.mocks.mock_tasks.clustering import MockClusteringTask  # noqa: E402
 from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper  # noqa: E402
 
+from me5.embed.encode import encode_texts  # noqa: E402
 from me5.errors import ConfigError, DataError  # noqa: E402
+from me5.eval import mteb as me5_mteb  # noqa: E402
 from me5.eval.mteb import (  # noqa: E402
     PAPER_MTEB_EN,
     PAPER_MTEB_EN_BY_TYPE,
@@ -38,6 +40,7 @@ from me5.eval.mteb import (  # noqa: E402
     resolve_tasks,
     task_instruction_for,
 )
+from me5.export import export_encoder  # noqa: E402
 from me5.prompts import PromptPolicy  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ local tasks
@@ -152,24 +155,24 @@ def exported(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mteb")
     tok = build_tokenizer(root / "tok")
-    return build_tiny_encoder(tok).save_pretrained(root / "model", tok)
+    return export_encoder(build_tiny_encoder(tok), tok, root / "model", prompts=PromptPolicy("e5"))
 
 
 class _Recording:
-    """Records what an :class:`Me5MtebEncoder` embeds: the texts with their prompts, and its output vectors."""
+    """Records what an :class:`Me5MtebEncoder` embeds: the texts with their prompts (through the module's
+    ``encode_texts``, patched with ``monkeypatch``), and its output vectors."""
 
-    def __init__(self, wrapper: Me5MtebEncoder):
+    def __init__(self, wrapper: Me5MtebEncoder, monkeypatch):
         self.texts: dict[tuple[str, str | None], list[str]] = {}
         self.prefixes: dict[tuple[str, str | None], set[str]] = {}
         self.vectors: dict[str, list[np.ndarray]] = {}
-        enc, wrapper_encode = wrapper.encoder, wrapper.encode
-        inner = enc.encode
+        wrapper_encode = wrapper.encode
         current = {}
 
-        def encode_texts(texts, tokenizer, *, prefix="", **kw):
+        def recording_encode_texts(encoder, tokenizer, texts, *, prefix="", **kw):
             self.texts.setdefault(current["key"], []).extend(prefix + t for t in texts)
             self.prefixes.setdefault(current["key"], set()).add(prefix)
-            return inner(texts, tokenizer, prefix=prefix, **kw)
+            return encode_texts(encoder, tokenizer, texts, prefix=prefix, **kw)
 
         def encode(inputs, *, task_metadata, prompt_type=None, **kw):
             current["key"] = (task_metadata.name, prompt_type.value if prompt_type else None)
@@ -177,7 +180,7 @@ class _Recording:
             self.vectors.setdefault(task_metadata.name, []).append(out)
             return out
 
-        enc.encode = encode_texts
+        monkeypatch.setattr(me5_mteb, "encode_texts", recording_encode_texts)
         wrapper.encode = encode
 
 
@@ -241,9 +244,9 @@ def test_the_module_does_not_shadow_the_mteb_package():
 
 # ------------------------------------------------------------------------------------------ the wrapper
 @pytest.mark.parametrize("style", ["e5", "instruct"])
-def test_prompts_per_task_type_and_side_and_scores_match_sentence_transformers(exported, style, tmp_path):
+def test_prompts_per_task_type_and_side_and_scores_match_sentence_transformers(exported, style, tmp_path, monkeypatch):
     wrapper = Me5MtebEncoder.from_pretrained(exported, prompts=style)
-    rec = _Recording(wrapper)
+    rec = _Recording(wrapper, monkeypatch)
     scores = evaluate_mteb(wrapper, [t() for t in TASKS], prompts=None, output_dir=tmp_path / "results")
     prompts = expected_prompts(style)
 
@@ -298,18 +301,18 @@ def test_classification_vectors_are_the_pooled_vectors(exported):
     enc, tok = wrapper.encoder, wrapper.tokenizer
     enc.normalize = False
     try:
-        pooled = enc.encode(texts, tok, prefix="query: ", max_length=wrapper.max_length)
+        pooled = encode_texts(enc, tok, texts, prefix="query: ", max_length=wrapper.max_length)
     finally:
         enc.normalize = True
     np.testing.assert_allclose(cls, pooled.numpy(), atol=1e-5)
-    np.testing.assert_allclose(sts, enc.encode(texts, tok, prefix="query: ").numpy(), atol=1e-5)
+    np.testing.assert_allclose(sts, encode_texts(enc, tok, texts, prefix="query: ").numpy(), atol=1e-5)
 
 
 def test_policy_comes_from_the_export_and_reranking_sides_are_an_option(tmp_path):
     from tests.test_export import build_tiny_encoder, build_tokenizer
 
     tok = build_tokenizer(tmp_path / "tok")
-    folder = build_tiny_encoder(tok).save_pretrained(tmp_path / "m", tok, prompts=PromptPolicy("instruct"))
+    folder = export_encoder(build_tiny_encoder(tok), tok, tmp_path / "m", prompts=PromptPolicy("instruct"))
     wrapper = Me5MtebEncoder.from_pretrained(folder)
     assert wrapper.prompts == PromptPolicy("instruct") and wrapper.mteb_model_meta.name == "me5/m"
     assert wrapper.prompt(SciDocsRR.metadata, "document") == wrapper.prompt(SciDocsRR.metadata, "query") != ""
@@ -336,15 +339,17 @@ def test_the_eval_group_evaluator_is_evaluate_mteb_and_checks_the_cache_up_front
     assert not any(t.data_loaded for t in tasks)  # checked, then dropped
     got = ev.evaluate(wrapper.encoder, wrapper.tokenizer)
     assert got == evaluate_mteb(wrapper, [SciFact(), STSBenchmark()], prompts="e5")
-    assert len(MtebEvaluator(check_data=False).tasks) == 56
+    assert len(MtebEvaluator(prompts=PromptPolicy("e5"), check_data=False).tasks) == 56
     with pytest.raises(DataError, match="'STS12'"):  # at build time, before any training
-        MtebEvaluator(["STS12"], cache_dir=str(tmp_path / "empty"), check_data=True)
+        MtebEvaluator(["STS12"], prompts=PromptPolicy("e5"), cache_dir=str(tmp_path / "empty"), check_data=True)
+    with pytest.raises(ConfigError, match="no prompt policy of its own"):  # a bare encoder has no saved policy
+        evaluate_mteb((wrapper.encoder, wrapper.tokenizer), ["STS12"], prompts=None)
 
 
 # ------------------------------------------------------------------------------------------ resuming, data checks
-def test_finished_tasks_are_not_evaluated_again_and_each_task_is_reported(exported):
+def test_finished_tasks_are_not_evaluated_again_and_each_task_is_reported(exported, monkeypatch):
     wrapper = Me5MtebEncoder.from_pretrained(exported)
-    rec = _Recording(wrapper)
+    rec = _Recording(wrapper, monkeypatch)
     reported = []
     done = {"mteb/SciFact/score": 0.25, "mteb/SciFact/main_score": 0.25, "mteb/avg": 0.9}
     got = evaluate_mteb(wrapper, [SciFact(), STSBenchmark()], prompts="e5", done=done,

@@ -15,11 +15,13 @@ from hypothesis import strategies as st
 import me5.gradcache as gc
 from me5.embed.encode import encode_texts
 from me5.errors import ConfigError
+from me5.export import export_encoder
 from me5.gradcache import gradcache_step, plan_chunks
 from me5.losses import EmbeddingBatch, InfoNCE, KLDistillation, WeightedLoss
 from me5.models import attention
 from me5.models.encoder import Encoder
 from me5.models.packing import pack_padded, pack_rows, pack_token_lists, row_spans, split_by_real_tokens
+from me5.prompts import PromptPolicy
 from tests import tiny
 
 SHAPES = {  # the real backbones' position schemes at a test size
@@ -110,9 +112,9 @@ def test_export_of_a_packed_encoder_is_the_padded_export(tmp_path):
     tok = tiny.tokenizer()
     padded = tiny.encoder(0.0)
     packed = Encoder(padded.backbone, packed=True)  # the same backbone object, switched to packed attention
-    out_packed = packed.save_pretrained(tmp_path / "packed", tok)
+    out_packed = export_encoder(packed, tok, tmp_path / "packed", prompts=PromptPolicy("e5"))
     packed.backbone.set_attn_implementation("sdpa")
-    out_padded = padded.save_pretrained(tmp_path / "padded", tok)
+    out_padded = export_encoder(padded, tok, tmp_path / "padded", prompts=PromptPolicy("e5"))
     names = sorted(p.relative_to(out_padded).as_posix() for p in out_padded.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(out_packed).as_posix() for p in out_packed.rglob("*") if p.is_file())
     for name in names:

@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from me5.app.pipeline import build_encoder, encoder_settings
+from me5.export import export_encoder
 from me5.models.encoder import Encoder
 from me5.prompts import PromptPolicy
 from tests import tiny
@@ -28,7 +29,7 @@ def export(tmp_path_factory):
     enc = Encoder.from_scratch(tokenizer=tok, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=64, max_position_embeddings=64)
     folder = tmp_path_factory.mktemp("export") / "pretrain"
-    enc.save_pretrained(folder, tok, prompts=PromptPolicy("e5"))
+    export_encoder(enc, tok, folder, prompts=PromptPolicy("e5"))
     return folder, tok
 
 

@@ -18,19 +18,19 @@ import me5.prep.stages as stages
 from me5.data.decontaminate import EvalOverlap, eval_files, load_eval_digests, load_eval_texts
 from me5.data.shards import PrepareOptions, prepare
 from me5.data.source import Source
-from me5.embed.consistency import pool_ranks
 from me5.errors import DataError
+from me5.mining.consistency import pool_ranks
 from me5.prep import ConsistencyOptions, PrepOptions, run_prep
 from me5.prep.pipeline import build_executors, make_plan
+from tests import test_data
 from tests.test_data import pairs
-from tests.test_data import write_jsonl as _write_jsonl
 
 FIELDS = ("query", "positive", "negatives", "teacher_scores", "lang", "source", "instruction", "symmetric")
 
 
 def write_jsonl(path: Path, records) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _write_jsonl(path, records)
+    return test_data.write_jsonl(path, records)
 
 
 def rows_of(folder: Path) -> list[tuple]:
@@ -303,8 +303,9 @@ def test_pipeline_filter_with_a_saved_model_equals_a_brute_force_reference(tmp_p
 
     from me5.app.prepare import main
     from me5.embed.encode import encode_texts
+    from me5.export import export_encoder
     from me5.models.encoder import Encoder
-    from me5.models.saved import load_model, read_model_settings
+    from me5.models.saved import load_model, read_saved_settings
     from me5.prep.pipeline import text_key
     from me5.prompts import PromptPolicy
     from tests.test_data import wordlevel_tokenizer
@@ -313,7 +314,7 @@ def test_pipeline_filter_with_a_saved_model_equals_a_brute_force_reference(tmp_p
     tok = wordlevel_tokenizer()
     enc = Encoder.from_scratch(tokenizer=tok, num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
                                intermediate_size=64, max_position_embeddings=80)
-    enc.save_pretrained(tmp_path / "model", tok, max_seq_length=64)
+    export_encoder(enc, tok, tmp_path / "model", prompts=PromptPolicy("e5"), max_seq_length=64)
     recs = [{"query": f"w{i} w{i + 3}", "positive": f"w{(i * 7) % 150} w{i + 1} w{i % 13}"} for i in range(60)]
     raw = write_jsonl(tmp_path / "raw.jsonl", recs)
     rc = main(["--source", "me5.data.source.Source", "--raw", str(raw), "--name", "s", "--out", str(tmp_path / "o"),
@@ -324,7 +325,7 @@ def test_pipeline_filter_with_a_saved_model_equals_a_brute_force_reference(tmp_p
     assert counts["read"] == 60 and counts["kept"] + counts.get("skipped/inconsistent", 0) == 60
     assert list((tmp_path / "o" / "_prep" / "filter").rglob("emb-r0-00000.npy"))  # the embed core's shards
     # the reference: the same model, embedded in memory, every score compared by NumPy
-    encoder, tokenizer, device = load_model(str(tmp_path / "model"), read_model_settings(str(tmp_path / "model")), "cpu")
+    encoder, tokenizer, device = load_model(str(tmp_path / "model"), read_saved_settings(tmp_path / "model"), "cpu")
     policy = PromptPolicy("e5")
     def emb(texts, prefix):  # the pipeline searches the embed core's fp16 shards: round as they do
         out = encode_texts(encoder, tokenizer, list(texts), prefix=prefix, max_length=128).numpy()
@@ -382,6 +383,27 @@ def test_written_rows_are_examples_of_the_normalised_schema(tmp_path):
     assert {r[3] for r in rows_of(tmp_path / "pipe" / "s")} >= {(np.float32(0.1 * 4).item(), np.float32(1 / 3).item())}
 
 
+def test_the_pipeline_reads_the_consistency_models_own_prompt_style(tmp_path):
+    """``prompt_style`` None: the model's saved policy (read once, before the plan: its fingerprint holds it); a
+    given style overrides it; an Embedder scorer prompts by itself, a scorer object needs the style."""
+    from me5.errors import ConfigError
+    from me5.mining.consistency import CallableScorer
+    from me5.prep.pipeline import consistency_prompt_style
+    from tests.test_prepare import saved_model_folder
+
+    model = str(saved_model_folder(tmp_path / "model", "instruct"))
+    assert consistency_prompt_style(ConsistencyOptions(model=model)) == "instruct"
+    assert consistency_prompt_style(ConsistencyOptions(model=model, prompt_style="e5")) == "e5"
+    assert consistency_prompt_style(ConsistencyOptions(model="unused"), topic_embed) == "none"
+    with pytest.raises(ConfigError, match="prompt_style"):
+        consistency_prompt_style(ConsistencyOptions(model="unused"), CallableScorer(topic_embed))
+    raw = write_jsonl(tmp_path / "raw.jsonl", [{"query": f"t{i} q", "positive": f"t{i} p"} for i in range(4)])
+    run_prep({"s": Source(str(raw))}, tmp_path / "pipe", PrepOptions(buckets=1, consistency=ConsistencyOptions(
+        model="unused", pool=4)), scorer=topic_embed)
+    plan = json.loads((tmp_path / "pipe" / "_prep" / "plan.json").read_text(encoding="utf-8"))
+    assert plan["options"]["consistency"]["prompt_style"] == "none"
+
+
 def test_cli_options_reach_the_pipeline(tmp_path):
     """Config-file options (flat, ``consistency:``/``slurm:`` mappings) and flags become ``PrepOptions``; the paper
     preset is E5's pool and top-k, and a flag overrides it."""
@@ -403,7 +425,7 @@ def test_cli_options_reach_the_pipeline(tmp_path):
 
 
 def test_bench_prep_runs_on_a_small_set(tmp_path, capsys):
-    from me5.app.bench_prep import main
+    from benchmarks.prepare import main
 
     assert main(["--work", str(tmp_path), "--pairs", "3000", "--files", "3", "--workers", "1", "--read-tasks", "2",
                  "--buckets", "2", "--json", str(tmp_path / "r.json")]) == 0

@@ -1,4 +1,5 @@
-"""``me5.prepare`` (``me5.data.shards``, ``me5.data.decontaminate``, ``me5.embed.consistency``; the pipeline of
+"""``me5.prepare`` (``me5.data.shards``, ``me5.data.decontaminate``, ``me5.data.consistency`` with its model half
+``me5.mining.consistency``; the pipeline of
 ``me5.prep`` in ``tests/test_prep.py``): shards + stats,
 eval-set exact-match removal, the consistency filter, resume after an interruption, bad records counted per
 reason (the training loader's reasons) or named by file:line in strict mode."""
@@ -12,12 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from me5.app.prepare import main
+from me5.data.consistency import ConsistencyFilter
 from me5.data.decontaminate import LanguageCheck, dominant_script
 from me5.data.schema import PairExample
 from me5.data.shards import PrepareOptions, format_stats, prepare
 from me5.data.source import Source
-from me5.embed.consistency import ConsistencyFilter
 from me5.errors import DataError
+from me5.export import export_encoder
+from me5.prompts import PromptPolicy
 from tests.test_data import pairs, wordlevel_tokenizer, write_jsonl
 
 
@@ -196,8 +199,9 @@ def test_loader_and_prepare_skip_the_same_records_for_the_same_reasons(tmp_path)
 
 
 def test_consistency_embedder_takes_its_prompts_from_the_policy(tmp_path, monkeypatch):
-    """``model_embedder`` prompts by the policy and the source's task; ``prepare`` passes the source's."""
-    import me5.embed.consistency as consistency
+    """``model_embedder`` prompts by the policy and the source's task; ``source_embedders`` passes the source's.
+    ``prepare`` loads no model: a consistency model without its embedders is a config error, before any work."""
+    import me5.mining.consistency as consistency
     from me5.errors import ConfigError
     from me5.prompts import PromptPolicy
 
@@ -205,13 +209,42 @@ def test_consistency_embedder_takes_its_prompts_from_the_policy(tmp_path, monkey
     monkeypatch.setattr(consistency, "model_embedder", lambda path, **kw: calls.append(kw) or topic_embed)
     raw = write_jsonl(tmp_path / "raw.jsonl", [{"query": f"t{i} q", "positive": f"t{i} p"} for i in range(4)])
     src = Source(str(raw), symmetric=True, instruction="Retrieve parallel sentences.")
-    prepare({"s": src}, tmp_path / "out", PrepareOptions(consistency_model="m", prompt_style="instruct", **OPTS))
+    opts, embedder_for = consistency.source_embedders(PrepareOptions(consistency_model="m", prompt_style="instruct",
+                                                                     **OPTS))
+    prepare({"s": src}, tmp_path / "out", opts, embedder_for=embedder_for)
     assert calls[0]["prompts"] == PromptPolicy("instruct") and calls[0]["symmetric"] is True
     assert calls[0]["instruction"] == "Retrieve parallel sentences."
     pool = json.loads((tmp_path / "out" / "s" / "_consistency" / "pool.json").read_text())
     assert pool["meta"]["prompt_style"] == "instruct"
     with pytest.raises(ConfigError, match="prompt_style"):
         prepare({"s": src}, tmp_path / "o2", PrepareOptions(prompt_style="e6", **OPTS))
+    with pytest.raises(ConfigError, match="consistency_model"):
+        prepare({"s": src}, tmp_path / "o3", PrepareOptions(consistency_model="m", **OPTS))
+    assert not (tmp_path / "o3").exists()
+
+
+def saved_model_folder(path, style: str):
+    """A model folder whose ``me5.json`` holds only its prompt policy (all ``read_saved_settings`` reads here)."""
+    path.mkdir(parents=True)
+    (path / "me5.json").write_text(json.dumps({"prompts": PromptPolicy(style).to_dict()}), encoding="utf-8")
+    return path
+
+
+def test_the_consistency_model_prompts_by_its_own_saved_policy(tmp_path, monkeypatch):
+    """Without ``prompt_style``, the consistency model embeds with the policy it was saved with (its me5.json)."""
+    import me5.mining.consistency as consistency
+
+    model = saved_model_folder(tmp_path / "model", "instruct")
+    calls = []
+    monkeypatch.setattr(consistency, "model_embedder", lambda path, **kw: calls.append((path, kw)) or topic_embed)
+    raw = write_jsonl(tmp_path / "raw.jsonl", [{"query": f"t{i} q", "positive": f"t{i} p"} for i in range(4)])
+    src = Source(str(raw), instruction="Retrieve parallel sentences.")
+    opts, embedder_for = consistency.source_embedders(PrepareOptions(consistency_model=str(model), **OPTS))
+    assert opts.prompt_style == "instruct"
+    prepare({"s": src}, tmp_path / "out", opts, embedder_for=embedder_for)
+    assert calls[0][0] == str(model) and calls[0][1]["prompts"] == PromptPolicy("instruct")
+    pool = json.loads((tmp_path / "out" / "s" / "_consistency" / "pool.json").read_text())
+    assert pool["meta"]["prompt_style"] == "instruct"
 
 
 @pytest.mark.parametrize(("line", "match"), [(5, "malformed JSON"), (6, "field 'positive'"), (13, "UTF-8")])
@@ -267,7 +300,7 @@ def test_consistency_filter_with_a_tiny_exported_model(tmp_path, tokenizer):
 
     enc = Encoder.from_scratch(tokenizer=tokenizer, num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
                                intermediate_size=64, max_position_embeddings=80)
-    enc.save_pretrained(tmp_path / "model", tokenizer, max_seq_length=64)
+    export_encoder(enc, tokenizer, tmp_path / "model", prompts=PromptPolicy("e5"), max_seq_length=64)
     raw = write_jsonl(tmp_path / "raw.jsonl", pairs(30))
     rc = main(["--source", "me5.data.source.Source", "--raw", str(raw), "--name", "s", "--out", str(tmp_path / "o"),
                "--consistency-model", str(tmp_path / "model"), "--consistency-pool", "10", "--consistency-top-k", "3",
@@ -276,6 +309,13 @@ def test_consistency_filter_with_a_tiny_exported_model(tmp_path, tokenizer):
     assert rc == 0 and stats["read"] == 30 and stats["kept"] + stats.get("skipped/inconsistent", 0) == 30
     assert len(np.load(tmp_path / "o" / "_prep" / "pool" / "s" / "keys.npy")) == 10
     assert (tmp_path / "o" / "_prep" / "pool" / "s" / "emb" / "manifest.json").is_file()  # the embed core's shards
+    # the inline engine: the app builds the model's embedders (me5.data loads no model) and hands them over
+    assert main(["--source", "me5.data.source.Source", "--raw", str(raw), "--name", "s", "--out", str(tmp_path / "i"),
+                 "--consistency-model", str(tmp_path / "model"), "--consistency-pool", "10", "--consistency-top-k",
+                 "3", "--engine", "inline", "--no-progress"]) == 0
+    inline = json.loads((tmp_path / "i" / "stats.json").read_text())["s"]["counts"]
+    assert inline["read"] == 30 and inline["kept"] + inline.get("skipped/inconsistent", 0) == 30
+    assert json.loads((tmp_path / "i" / "s" / "_consistency" / "pool.json").read_text())["meta"]["prompt_style"] == "e5"
 
 
 def test_a_source_class_reads_its_prepared_shards_in_the_normalised_schema(tmp_path):

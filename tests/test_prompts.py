@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from me5.data import PairExample, Source
+from me5.embed.encode import encode_texts
 from me5.errors import ConfigError
 from me5.eval.retrieval import RetrievalData, RetrievalEvaluator
+from me5.export import export_encoder
 from me5.prompts import STYLES, TASKS, PromptPolicy, task_instruction
 from tests.helpers import ROOT, format_item
 
@@ -94,7 +96,7 @@ def test_export_writes_the_policy_for_sentence_transformers(tmp_path):
 
     tok = build_tokenizer(tmp_path / "tok")
     enc = build_tiny_encoder(tok)
-    out = enc.save_pretrained(tmp_path / "m", tok, prompts=PromptPolicy("instruct"), instruction=TASKS["miracl"])
+    out = export_encoder(enc, tok, tmp_path / "m", prompts=PromptPolicy("instruct"), instruction=TASKS["miracl"])
     cfg = json.loads((out / "config_sentence_transformers.json").read_text())
     q = f"Instruct: {MIRACL}\nQuery: "
     assert cfg["prompts"] == {"query": q, "passage": "", "document": ""} and cfg["default_prompt_name"] == "query"
@@ -104,8 +106,8 @@ def test_export_writes_the_policy_for_sentence_transformers(tmp_path):
     texts = ["a cat", "кошка"]
     for name, prefix in (("query", q), ("document", "")):
         got = model.encode(texts, prompt_name=name, convert_to_tensor=True)
-        torch.testing.assert_close(got, enc.encode(texts, tok, prefix=prefix), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(model.encode(texts, convert_to_tensor=True), enc.encode(texts, tok, prefix=q),
+        torch.testing.assert_close(got, encode_texts(enc, tok, texts, prefix=prefix), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.encode(texts, convert_to_tensor=True), encode_texts(enc, tok, texts, prefix=q),
                                atol=1e-5, rtol=1e-4)  # the default prompt is the query prompt
 
 

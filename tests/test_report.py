@@ -1,7 +1,7 @@
 """Reports: one run's loss curves and evaluation table, one table across a sweep (swept parameters as columns),
 the folder found by an argument or ``$ME5_LOG_DIR``, a W&B table, and the notebook on the same functions.
 
-The run folders are written by the app's own writers (``me5.app.pipeline.write_results`` for ``metrics.json`` /
+The run folders are written by the app's own writers (``me5.training.record.RunRecord`` for ``metrics.json`` /
 ``results.md``, the CSV logger of ``me5.app.loggers`` for ``csv/<stage>/metrics.csv``) and Hydra's layout for a
 multirun (``multirun.yaml``, ``<job>/.hydra/overrides.yaml``); ``tests/test_launcher.py`` reports on a folder
 that a real sweep wrote.
@@ -42,7 +42,7 @@ def loss_at(stage: str, step: int, scale: float) -> float:
 def write_run(run_dir: Path, *, score: float = 0.4, scale: float = 1.0, finished: bool = True) -> Path:
     """A run folder as the app leaves it: per-stage CSV histories, then (finished) metrics.json + results.md."""
     from me5.app.loggers import csv_logger
-    from me5.app.pipeline import write_results
+    from me5.training.record import RunRecord
 
     for stage, steps in STEPS.items():
         lg = csv_logger(save_dir=str(run_dir), run_name="tiny-sample", stage=stage, hparams={"stage": stage})
@@ -58,8 +58,8 @@ def write_run(run_dir: Path, *, score: float = 0.4, scale: float = 1.0, finished
         results = {"untrained": scores(0.2), "pretrain": scores(score - 0.1), "finetune": scores(score)}
         meta = {"git": {"sha": "abc123", "dirty": False}, "run_dir": str(run_dir), "command": "me5.train",
                 "parameters": {"total": 1234}}
-        write_results(run_dir, results, meta=meta, timings={"pretrain/train_s": 1.0},
-                      data_counts={"pretrain": {"sample/kept": 100}})
+        RunRecord(run_dir, results, timings={"pretrain/train_s": 1.0}, data_counts={"pretrain": {"sample/kept": 100}},
+                  meta=meta).write()
     return run_dir
 
 

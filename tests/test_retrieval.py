@@ -12,7 +12,9 @@ import torch
 from me5.embed.search import exact_search
 from me5.errors import ConfigError, DataError
 from me5.eval.retrieval import RetrievalData, RetrievalEvaluator, format_table, load_beir
+from me5.prompts import PromptPolicy
 
+E5 = PromptPolicy("e5")
 CORPUS = [
     {"_id": "d1", "title": "Cats", "text": "t1 cats purr", "lang": "en"},
     {"_id": "d2", "title": "", "text": "t2 dogs bark", "lang": "en"},
@@ -166,8 +168,7 @@ def test_exact_search_in_blocks_equals_full_topk():
 def test_perfect_encoder_scores_one_per_language(tmp_path):
     enc = TopicEncoder()
     ev = RetrievalEvaluator(
-        load_beir(write_beir(tmp_path)), name="sample", query_max_length=32, passage_max_length=48
-    )
+        load_beir(write_beir(tmp_path)), name="sample", query_max_length=32, passage_max_length=48, prompts=E5)
     metrics = ev.evaluate(enc, tokenizer=None)
     expected = {
         f"sample/{lang}{m}"
@@ -183,22 +184,22 @@ def test_perfect_encoder_scores_one_per_language(tmp_path):
 
 def test_macro_is_mean_of_languages(tmp_path):
     data = load_beir(write_beir(tmp_path))
-    metrics = RetrievalEvaluator(data, name="s", k_values=(10,)).evaluate(TopicEncoder(wrong={3}), None)
+    metrics = RetrievalEvaluator(data, name="s", k_values=(10,), prompts=E5).evaluate(TopicEncoder(wrong={3}), None)
     assert metrics["s/en/ndcg@10"] == pytest.approx(1.0)
     assert 0.0 < metrics["s/de/ndcg@10"] < 1.0
     assert metrics["s/ndcg@10"] == pytest.approx((metrics["s/en/ndcg@10"] + metrics["s/de/ndcg@10"]) / 2)
-    only_de = RetrievalEvaluator(data, name="s", k_values=(10,), languages=["de"]).evaluate(
+    only_de = RetrievalEvaluator(data, name="s", k_values=(10,), languages=["de"], prompts=E5).evaluate(
         TopicEncoder(wrong={3}), None
     )
     assert set(only_de) == {"s/ndcg@10", "s/recall@10", "s/de/ndcg@10", "s/de/recall@10"}
     with pytest.raises(ConfigError, match="fr"):
-        RetrievalEvaluator(data, languages=["fr"])
+        RetrievalEvaluator(data, languages=["fr"], prompts=E5)
 
 
 def test_no_languages_gives_aggregate_only(tmp_path):
     corpus = [{k: v for k, v in d.items() if k != "lang"} for d in CORPUS]
     queries = [{k: v for k, v in q.items() if k != "lang"} for q in QUERIES]
-    metrics = RetrievalEvaluator(load_beir(write_beir(tmp_path, corpus, queries))).evaluate(
+    metrics = RetrievalEvaluator(load_beir(write_beir(tmp_path, corpus, queries)), prompts=E5).evaluate(
         TopicEncoder(), None
     )
     assert set(metrics) == {"sample/ndcg@10", "sample/recall@10", "sample/ndcg@100", "sample/recall@100"}
@@ -214,7 +215,7 @@ def test_per_language_folders_search_their_own_corpus(tmp_path):
     )
     write_beir(tmp_path / "de", corpus=CORPUS[2:4], queries=QUERIES[2:4], qrels=QRELS[2:4])
     enc = TopicEncoder()
-    metrics = RetrievalEvaluator(load_beir(tmp_path), name="m", k_values=(1,)).evaluate(enc, None)
+    metrics = RetrievalEvaluator(load_beir(tmp_path), name="m", k_values=(1,), prompts=E5).evaluate(enc, None)
     assert metrics == {
         f"m/{lang}{x}@1": pytest.approx(1.0) for lang in ("", "de/", "en/") for x in ("ndcg", "recall")
     }
@@ -248,11 +249,11 @@ def test_lazy_languages_read_one_corpus_at_a_time_and_score_the_same(tmp_path, m
     assert isinstance(lazy, LazyLanguages) and sorted(lazy) == ["de", "fr", "sw"]
     reads, load_one = [], retrieval._load_one
     monkeypatch.setattr(retrieval, "_load_one", lambda root, split, lang=None: reads.append(lang) or load_one(root, split, lang))
-    ev = RetrievalEvaluator(lazy, name="m", languages=["sw", "de"])
+    ev = RetrievalEvaluator(lazy, name="m", languages=["sw", "de"], prompts=E5)
     assert reads == []  # nothing read until evaluated
     got = ev.evaluate(TopicEncoder(), None)
     assert reads == ["sw", "de"]  # each language read once, when its turn comes
-    assert got == RetrievalEvaluator(eager, name="m", languages=["sw", "de"]).evaluate(TopicEncoder(), None)
+    assert got == RetrievalEvaluator(eager, name="m", languages=["sw", "de"], prompts=E5).evaluate(TopicEncoder(), None)
     (tmp_path / "m" / "fr" / "qrels" / "dev.tsv").unlink()
     with pytest.raises(DataError, match=r"fr.*dev.tsv|dev.tsv.*fr"):
         load_beir(tmp_path / "m", split="dev", lazy=True)

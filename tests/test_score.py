@@ -1,4 +1,4 @@
-"""``me5.score`` and :mod:`me5.embed.teacher`: cross-encoder teacher scores on a tiny cross-encoder built from a config.
+"""``me5.score`` and :mod:`me5.mining.teacher`: cross-encoder teacher scores on a tiny cross-encoder built from a config.
 
 The scores equal a direct forward of the same model (any batching, any order) and sentence-transformers'
 ``CrossEncoder.predict`` (activation off); the CLI writes them into resumable, shardable stage-2 shards; a
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from me5.embed.mine import ShardedOutput
-from me5.embed.teacher import CrossEncoderScorer, ScoreOptions, check_cross_encoder, score_records
 from me5.errors import ConfigError
+from me5.mining.output import ShardedOutput
+from me5.mining.teacher import CrossEncoderScorer, ScoreOptions, check_cross_encoder, score_records
 from tests import tiny
 
 

@@ -56,7 +56,7 @@ def run(dm, n, *, rank=None, world=None):
         loader = dm.train_dataloader()
     else:
         a = dm._connected
-        coll = PairCollator(a["tokenizer"], query_max_length=a["query_max_length"], passage_max_length=a["passage_max_length"])
+        coll = PairCollator(a.tokenizer, query_max_length=a.query_max_length, passage_max_length=a.passage_max_length)
         loader = DataLoader(dm.build_stream(coll, rank=rank, world=world), batch_size=None, num_workers=dm.num_workers)
     out = []
     for b, _ in zip(loader, range(n)):
@@ -75,7 +75,7 @@ def in_memory_stream(dm, collator, *, weights=None, global_batch_size=8, world_s
     ``weights``: the DataModule's sampling weights unless given."""
     plan = BatchPlan.build(global_batch_size=global_batch_size, world_size=world_size)
     return PairBatchStream(dm.examples, weights if weights is not None else dm.sampling_weights(), collator=collator,
-                           formatters=dm._connected["formatters"], batch_plan=plan, **kw)
+                           formatters=dm._connected.formatters, batch_plan=plan, **kw)
 
 
 @pytest.mark.parametrize("layout", ["shards", "few_files"])

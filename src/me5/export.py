@@ -17,7 +17,6 @@ to its new classes without warnings, and older releases (2.x-5.x) read it too.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,14 @@ from typing import Any
 import torch
 
 from me5.errors import ConfigError
-from me5.models.encoder import POOLER_MODEL_TYPES
+from me5.jsonio import write_json
+from me5.models.encoder import model_max_length, position_limit
+from me5.models.pooling import POOLER_MODEL_TYPES
+from me5.models.saved import ME5_CONFIG
 from me5.prompts import PromptPolicy
 
 log = logging.getLogger(__name__)
 
-ME5_CONFIG = "me5.json"
 
 # me5 pooling name -> sentence-transformers pooling flag
 _ST_POOLING = {
@@ -46,9 +47,6 @@ _ST_POOLING_FLAGS = (
     "pooling_mode_weightedmean_tokens",
     "pooling_mode_lasttoken",
 )
-# model types whose position ids start after the padding index (usable length = max_position_embeddings - pad - 1)
-_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"}
-_FALLBACK_MAX_LENGTH = 512  # neither the tokenizer nor the config says
 
 
 def export_encoder(
@@ -56,18 +54,19 @@ def export_encoder(
     tokenizer,
     out_dir: str | Path,
     *,
-    prompts: PromptPolicy | None = None,
+    prompts: PromptPolicy,
     instruction: str | None = None,
     max_seq_length: int | None = None,
     extra_metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``encoder`` + ``tokenizer`` to ``out_dir``; returns the folder.
 
-    ``prompts`` (default: E5's) is the model's :class:`~me5.prompts.PromptPolicy`; ``instruction`` the task of
-    the instruct policy's query prompt (default: the generic web-search retrieval task).
+    ``prompts`` (required) is the model's :class:`~me5.prompts.PromptPolicy`; ``instruction`` the task of the
+    instruct policy's query prompt (default: the generic web-search retrieval task).
     ``SentenceTransformer(out_dir).encode(texts, prompt_name="query")`` then equals
-    ``encoder.encode(texts, tokenizer, prefix=prompts.query(...))`` (``"passage"``/``"document"`` likewise: the
-    document prompt), and plain ``encode(texts)`` uses the query prompt (``PromptPolicy.sentence_transformers``).
+    ``me5.embed.encode.encode_texts(encoder, tokenizer, texts, prefix=prompts.query(...))``
+    (``"passage"``/``"document"`` likewise: the document prompt), and plain ``encode(texts)`` uses the query
+    prompt (``PromptPolicy.sentence_transformers``).
     ``max_seq_length`` is sentence-transformers' truncation length (``me5.json`` records it too): by default
     (None) the model's own limit, the smaller of ``tokenizer.model_max_length`` and the backbone's usable
     positions (512 for XLM-R), not any training length; an explicit value is capped at the positions.
@@ -77,7 +76,6 @@ def export_encoder(
         raise ConfigError(
             "model.encoder.pooling", f"'{encoder.pooling}' has no sentence-transformers equivalent"
         )
-    prompts = prompts or PromptPolicy("e5")
     st_prompts = prompts.sentence_transformers(instruction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,20 +103,21 @@ def export_encoder(
         )
         # Normalize has no config: an empty folder, as sentence-transformers writes it
         (out / "2_Normalize").mkdir(exist_ok=True)
-    _write_json(out / "modules.json", modules)
+    write_json(out / "modules.json", modules, indent=2, default=str)
 
     pooling = {"word_embedding_dimension": int(config.hidden_size)}
     pooling.update({flag: flag == _ST_POOLING[encoder.pooling] for flag in _ST_POOLING_FLAGS})
     # mE5 pools over the prompt tokens too; include_prompt=False (GritLM-style) leaves the same tokens out as me5
     pooling["include_prompt"] = bool(getattr(encoder, "include_prompt", True))
     (out / "1_Pooling").mkdir(exist_ok=True)
-    _write_json(out / "1_Pooling" / "config.json", pooling)
+    write_json(out / "1_Pooling" / "config.json", pooling, indent=2, default=str)
 
     # no model_args: the checkpoint has the pooler that AutoModel builds by default (add_pooling_layer=False
     # would make transformers list it as UNEXPECTED); sentence-transformers pools token embeddings anyway
-    _write_json(out / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
+    write_json(out / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False},
+               indent=2, default=str)
 
-    _write_json(
+    write_json(
         out / "config_sentence_transformers.json",
         {
             "__version__": _versions(),
@@ -126,8 +125,10 @@ def export_encoder(
             **st_prompts,
             "similarity_fn_name": "cosine" if encoder.normalize else "dot",
         },
+        indent=2,
+        default=str,
     )
-    _write_json(
+    write_json(
         out / ME5_CONFIG,
         {
             "pooling": encoder.pooling,
@@ -140,37 +141,15 @@ def export_encoder(
             "versions": _versions(),
             "metadata": extra_metadata or {},
         },
+        indent=2,
+        default=str,
     )
     log.info("exported encoder to %s", out)
     return out
 
 
-def model_max_length(config, tokenizer) -> int:
-    """The model's own input limit: min(``tokenizer.model_max_length`` when set, the usable positions).
-
-    512 for the XLM-R family (514 position embeddings less the padding offset). A tokenizer without a limit
-    has ``model_max_length`` ~1e30; with no limit from either side, 512.
-    """
-    limits = [_position_limit(config)]
-    tok_limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tok_limit, int) and 0 < tok_limit < 1_000_000:
-        limits.append(tok_limit)
-    limits = [n for n in limits if n is not None]
-    return min(limits) if limits else _FALLBACK_MAX_LENGTH
-
-
-def _position_limit(config) -> int | None:
-    """How many tokens the position embeddings take (None: no absolute positions in the config)."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is None:
-        return None
-    if config.model_type in _OFFSET_POSITIONS:
-        limit -= (config.pad_token_id or 0) + 1
-    return int(limit)
-
-
 def _cap_length(config, max_seq_length: int) -> int:
-    limit = _position_limit(config)
+    limit = position_limit(config)
     if limit is not None and max_seq_length > limit:
         log.info(
             "max_seq_length %d exceeds the backbone's %d positions; using %d", max_seq_length, limit, limit
@@ -207,7 +186,3 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):  # a package run from a source tree has no metadata
             out["pytorch" if pkg == "torch" else pkg] = version(pkg)
     return out
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")

@@ -13,7 +13,7 @@ Three policies exist (:data:`STYLES`):
 
 Every consumer takes its strings from a :class:`PromptPolicy`: the training collator (through the DataModule),
 the retrieval evaluators, the export (sentence-transformers ``prompts``), ``python -m me5.evaluate`` and the
-consistency filter of ``me5.embed``. The task definitions of the instruct policy are in :data:`TASKS`, keyed by
+consistency filter of ``me5.mining``. The task definitions of the instruct policy are in :data:`TASKS`, keyed by
 name; a data source names its task there (``Source.task``) and may override it with its own ``instruction``.
 """
 

@@ -62,17 +62,6 @@ def log_realised_mixture(counts: Mapping[str, Mapping[str, int]], loggers, *, st
     return scalars
 
 
-class AtTrainStart(Callback):
-    """Calls ``fn(trainer, pl_module)`` when training is about to start, inside ``fit``: the checkpoint (if any) is
-    restored and, in a distributed job, the process group exists and every rank is here."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.fn(trainer, pl_module)
-
-
 class RealisedMixtureLogger(Callback):
     """Logs the realised mixture of the training data every ``every_n_steps`` steps and at the end of fit
     (summed over ranks; a W&B table + bar chart, or ``data/mix/<source>`` scalars). Add it to the Trainer's

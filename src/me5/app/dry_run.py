@@ -178,7 +178,7 @@ def plan_text(cfg: DictConfig, *, launcher: str | None = None) -> str:
 
 def describe(cfg: DictConfig, plan, *, world_note: str | None = None, launcher: str | None = None) -> str:
     """The plan of a checked run (:class:`~me5.app.pipeline.RunPlan`) as text."""
-    from me5.app.pipeline import build_loss, evaluated_stages
+    from me5.app.pipeline import evaluated_stages
 
     lines: list[str] = []
     add = lines.append
@@ -189,20 +189,19 @@ def describe(cfg: DictConfig, plan, *, world_note: str | None = None, launcher: 
         add("config       " + "  ".join(f"{k}={v}" for k, v in choices.items()))
     if launcher:
         add(f"launcher     {launcher} (not called)")
-    world = next(iter(plan.plans.values())).world_size
+    world = plan.stages[0].plan.world_size
     add(f"devices      {world}" + (f"  ({world_note})" if world_note else ""))
     add(f"model        {_model_name(cfg.model.encoder)}; prompts {cfg.prompts.style}; "
         f"loss temperature {cfg.loss.temperature}")
-    add(f"stages       {' -> '.join(plan.stages)}")
+    add(f"stages       {' -> '.join(plan.names)}")
     est = _estimator(cfg.model.encoder)
     total_h = 0.0
-    for name in plan.stages:
-        scfg, bp, dm = cfg.stages[name], plan.plans[name], plan.datamodules[name]
-        loss = build_loss(cfg.loss.terms, name)
+    for stage in plan.stages:
+        name, scfg, bp, dm, loss = stage.name, stage.spec, stage.plan, stage.datamodule, stage.loss
         per = dm.negatives_per_source(int(scfg.n_negatives))
         add("")
         add(f"stage {name}: {int(scfg.max_steps):,} steps, warm-up {int(scfg.warmup_steps):,}, peak LR {scfg.lr:g}"
-            + (f", from {scfg.init_from}" if scfg.get("init_from") else ""))
+            + (f", from {scfg.init_from}" if scfg.init_from else ""))
         chunk = (f"chunks of {bp.chunk_tokens:,} padded tokens" if bp.chunk_tokens else
                  f"chunks of {bp.chunk_rows:,} rows" if bp.chunk_rows else "off (one plain backward)")
         add(f"  batch      global {bp.global_batch_size:,} = {bp.world_size} x {bp.per_device_batch_size:,} per device;"
@@ -224,7 +223,7 @@ def describe(cfg: DictConfig, plan, *, world_note: str | None = None, launcher: 
                 f"{PEAK_FLOPS / 1e12:.0f} TFLOP/s (H200 bf16), {_hours(hours / world)} on {world} device"
                 f"{'s' if world > 1 else ''} (an upper bound: every text at its token limit)")
     add("")
-    evaluated = evaluated_stages(cfg.get("eval_stages", "all"), plan.stages)
+    evaluated = evaluated_stages(cfg.get("eval_stages", "all"), plan.names)
     when = ("the untrained encoder, then " if cfg.eval_baseline else "") + f"after {', '.join(evaluated) or 'no stage'}"
     if cfg.eval_after == "job":
         when = f"its own job per stage (evaluate_<stage>.sh) {when}"

@@ -17,13 +17,14 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from me5.errors import ConfigError, DataError, Me5Error
 
 # a saved model's settings and loading (the library's: the consistency filter reads models the same way)
-from me5.models.saved import DEFAULTS, load_model, read_model_settings  # noqa: F401 -- also imported from here
-from me5.prompts import STYLES, TASKS, PromptPolicy
+from me5.models.saved import load_model, read_saved_settings
+from me5.prompts import STYLES, TASKS
 
 log = logging.getLogger("me5.evaluate")
 
@@ -45,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="data/eval",
                    help="with --suite: the folder holding miracl/ (me5.app.convert_miracl output), bucc/ "
                         "(mteb/BUCC) and tatoeba/ (mteb/tatoeba-bitext-mining); MTEB reads the HF datasets cache")
-    p.add_argument("--benchmarks", nargs="+", default=None, choices=SUITE_BENCHMARKS,
-                   help="with --suite: only these benchmarks (default: all)")
+    p.add_argument("--benchmarks", nargs="+", default=None,
+                   help="with --suite: only these benchmarks, the suite's keys (paper: miracl bucc tatoeba "
+                        "tatoeba_backward mteb; default: all)")
     p.add_argument("--paper-model", default=None,
                    help="the paper's column to compare with (small, base, large, large-instruct; default: from --model)")
     p.add_argument("--output-dir", default=None,
@@ -64,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="qrels/{split}.tsv (default: test)")
     p.add_argument("--name", default=None, help="metric key prefix (default: the data folder's name)")
     p.add_argument("--output", default=None, help="write metrics to this json file")
-    p.add_argument("--batch-size", type=int, default=128)
-    # the recipe's protocol: 512 tokens on both sides (unilm mteb_beir_eval.py)
-    p.add_argument("--query-max-length", type=int, default=512)
-    p.add_argument("--passage-max-length", type=int, default=512)
+    # --data: 128 texts per batch and the recipe's 512 tokens on both sides (unilm mteb_beir_eval.py); --suite: the
+    # eval group's values (conf/eval/<suite>.yaml) unless given
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--query-max-length", type=int, default=None)
+    p.add_argument("--passage-max-length", type=int, default=None)
     p.add_argument("--prompts", default=None, choices=STYLES, help="override the saved prompt policy")
     p.add_argument("--task", default="generic", choices=sorted(TASKS),
                    help="the task whose instruction the instruct policy puts on queries (default: generic)")
@@ -89,20 +92,17 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     from me5.eval.retrieval import RetrievalEvaluator, format_table, load_beir
 
     data = load_beir(args.data, split=args.split)  # data errors before the (slow) model load
-    settings = read_model_settings(args.model)
-    if args.prompts is not None:
-        settings["prompts"] = args.prompts
-    settings["task"] = args.task
+    settings = read_saved_settings(args.model).with_prompts(args.prompts)
     encoder, tokenizer, device = load_model(args.model, settings, args.device)
     name = args.name or Path(args.data).resolve().name
     evaluator = RetrievalEvaluator(
         data,
         name=name,
-        prompts=PromptPolicy(settings["prompts"]),
+        prompts=settings.prompts,
         task=args.task,
-        query_max_length=args.query_max_length,
-        passage_max_length=args.passage_max_length,
-        batch_size=args.batch_size,
+        query_max_length=args.query_max_length or 512,
+        passage_max_length=args.passage_max_length or 512,
+        batch_size=args.batch_size or 128,
         languages=args.languages,
     )
     metrics = evaluator.evaluate(encoder, tokenizer, device=device, show_progress=sys.stderr.isatty())
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             "model": args.model,
             "data": args.data,
             "split": args.split,
-            "settings": settings,
+            "settings": {**settings.as_dict(), "task": args.task},
             "metrics": metrics,
         }
         out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -155,8 +155,10 @@ def run_stage_job(args: argparse.Namespace) -> dict[str, float]:
     """
     from omegaconf import OmegaConf
 
-    from me5.app.pipeline import build, evaluate_all, write_results
+    from me5.app.pipeline import build
     from me5.distributed import shutdown_process_group
+    from me5.eval.suite import evaluate_all
+    from me5.training.record import RunRecord
 
     run_dir = Path(args.run).resolve()
     cfg_file = run_dir / ".hydra" / "config.yaml"
@@ -168,10 +170,8 @@ def run_stage_job(args: argparse.Namespace) -> dict[str, float]:
         raise ConfigError("--stage", f"no export of stage '{args.stage}' in {run_dir / 'export'} (have: {have})")
     cfg = OmegaConf.load(cfg_file)
     cfg.paths.output_dir = str(run_dir)  # Hydra's ${hydra:runtime.output_dir} is not there outside the run
-    settings = read_model_settings(str(export))
-    if args.prompts is not None:
-        settings["prompts"] = args.prompts
-    prompts = PromptPolicy(settings["prompts"])
+    settings = read_saved_settings(export).with_prompts(args.prompts)
+    prompts = settings.prompts
     evaluators = {k: build(v, prompts=prompts) for k, v in (cfg.eval or {}).items()}  # data checks first
     if not evaluators:
         raise ConfigError("--run", f"the run's eval group is empty ({cfg_file})")
@@ -181,15 +181,14 @@ def run_stage_job(args: argparse.Namespace) -> dict[str, float]:
         t0 = time.perf_counter()
         metrics = evaluate_all(evaluators, encoder, tokenizer)
         if rank == 0:
-            record = {"stage": args.stage, "export": str(export), "settings": settings, "metrics": metrics,
+            record = {"stage": args.stage, "export": str(export), "settings": settings.as_dict(), "metrics": metrics,
                       "eval_s": round(time.perf_counter() - t0, 1), "world_size": world}
             out = run_dir / "eval" / f"{args.stage}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            old = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
-            results = {**old.get("results", {}), args.stage: metrics}
-            write_results(run_dir, results, meta=old.get("meta", {}), timings=old.get("timings_s", {}),
-                          data_counts=old.get("data_counts", {}))
+            run_record = RunRecord.load(run_dir)
+            run_record.results[args.stage] = metrics
+            run_record.write(show=True)
     finally:
         shutdown_process_group()
     return metrics
@@ -197,9 +196,28 @@ def run_stage_job(args: argparse.Namespace) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- suites
 # tatoeba_backward: Tatoeba eng -> xxx (the paper's and mteb's Tatoeba is xxx -> eng), from the same folder
-SUITE_BENCHMARKS = ("miracl", "bucc", "tatoeba", "tatoeba_backward", "mteb")
-SUITES = {"paper": SUITE_BENCHMARKS}
-_BITEXT = {"bucc": ("bucc", "forward"), "tatoeba": ("tatoeba", "forward"), "tatoeba_backward": ("tatoeba", "backward")}
+#: the ``eval`` group options ``--suite`` takes: the paper's suite and its families (conf/eval/<suite>.yaml, the
+#: same nodes a training run evaluates with ``eval=<suite>``)
+SUITES = ("paper", "miracl", "bitext", "mteb")
+
+
+def suite_config(suite: str, *, data_root: str | os.PathLike, output_dir: str | os.PathLike):
+    """The ``eval`` node of ``conf/eval/<suite>.yaml`` composed as the training app composes it, with
+    ``paths.eval_dir`` = ``data_root`` and ``paths.output_dir`` = ``output_dir``: one definition of every
+    benchmark's protocol (lengths, precision, batch sizes) for ``me5.train eval=paper`` and ``--suite paper``."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from me5.app.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"eval={suite}", f"paths.eval_dir={Path(data_root).resolve()}",
+                                           f"paths.output_dir={Path(output_dir).resolve()}"])
+    node = cfg.eval
+    OmegaConf.resolve(node)
+    return node
+
+
 #: where each benchmark's folder under --data-root comes from
 _FETCH = {
     "miracl": "python -m me5.app.convert_miracl (from the hub datasets miracl/miracl and miracl/miracl-corpus)",
@@ -286,79 +304,113 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _suite_plan(args, prompts, *, work_dir: Path | None, state: SuiteState) -> tuple[dict, dict, list]:
-    """Every input of the suite, checked before the model is loaded: ``(evaluators, inputs, mteb tasks)`` of what
-    is still to do (a finished benchmark or MTEB task is left out, see :class:`SuiteState`).
+@dataclass
+class MtebPlan:
+    """The suite's MTEB part: every task of its node, those still to do, and the node's settings (a command-line
+    ``--batch-size`` / ``--mteb-cache-dir`` / ``--mteb-online`` over them)."""
 
-    A benchmark folder that is missing is an error (``--benchmarks`` runs fewer), as is a missing ``mteb`` package
-    or an MTEB dataset that is not in the local cache (or, with ``--mteb-online``, not reachable either); one with
-    only some of the paper's languages or pairs is evaluated (its rows name their coverage) with a warning.
-    MIRACL's corpora are encoded into shards under ``work_dir`` (each rank its part) when it is given.
+    every: list
+    todo: list
+    batch_size: int
+    cache_dir: str | None
+    online: bool
+
+
+def _suite_plan(args, prompts, *, work_dir: Path | None, state: SuiteState) -> tuple[dict, dict, MtebPlan | None]:
+    """Every input of the suite, checked before the model is loaded: ``(evaluators, inputs, mteb)`` of what is
+    still to do (a finished benchmark or MTEB task is left out, see :class:`SuiteState`).
+
+    The benchmarks are the nodes of ``conf/eval/<suite>.yaml`` (:func:`suite_config`), built as a training run
+    builds them; the command line changes only the languages or pairs found under ``--data-root``, the corpus
+    shards' ``work_dir`` and, when given, ``--batch-size`` / ``--query-max-length`` / ``--passage-max-length``.
+    A benchmark folder that is missing is an error (``--benchmarks`` runs fewer), as is a missing ``mteb``
+    package or an MTEB dataset that is not in the local cache (or, with ``--mteb-online``, not reachable either);
+    one with only some of the paper's languages or pairs is evaluated (its rows name their coverage) with a
+    warning. MIRACL's corpora are encoded into shards under ``work_dir`` (each rank its part) when it is given.
     """
-    from me5.eval.bitext import TASK_PAIRS, BitextEvaluator
+    from me5.app.pipeline import build
+    from me5.eval.bitext import TASK_PAIRS
     from me5.eval.miracl import LANGUAGES
-    from me5.eval.retrieval import RetrievalEvaluator, load_beir
 
     root = Path(args.data_root)
-    wanted = list(dict.fromkeys(args.benchmarks or SUITES[args.suite]))
+    nodes = suite_config(args.suite, data_root=root, output_dir=args.output_dir or ".")
+    unknown = [b for b in args.benchmarks or () if b not in nodes]
+    if unknown:
+        raise ConfigError("--benchmarks", f"'{unknown[0]}' is not a benchmark of --suite {args.suite} "
+                                          f"(conf/eval/{args.suite}.yaml: {', '.join(nodes)})")
+    wanted = list(dict.fromkeys(args.benchmarks or nodes))
     evaluators, inputs, missing = {}, {}, []
-    for bench in [b for b in wanted if b != "mteb"]:
-        task, direction = _BITEXT.get(bench, (bench, "forward"))
-        folder = root / task
+    for bench in [b for b in wanted if _kind(nodes[b]) != "mteb"]:
+        node = nodes[bench]
+        retrieval = _kind(node) == "retrieval"
+        folder = Path(str(node.data.data_dir if retrieval else node.data))
+        task = str(node.get("task", bench))
+        fetch = _FETCH.get(task, f"the {task} layout in {folder}")
         if not folder.is_dir():
             if state.is_done(bench, None):
                 log.info("%s: done before (%s is gone): kept", bench, folder)
                 continue
-            missing.append(f"{bench}: no folder {folder} (fetch: {_FETCH[task]})")
+            missing.append(f"{bench}: no folder {folder} (fetch: {fetch})")
             continue
-        if bench == "miracl":
-            present = [lang for lang in LANGUAGES if (folder / lang).is_dir()]
-            universe = LANGUAGES
-        else:
-            present = [p for p in TASK_PAIRS[task] if _has_pair(folder, p)]
-            universe = TASK_PAIRS[task]
+        universe = list(node.get("languages") or LANGUAGES) if retrieval else TASK_PAIRS[task]
+        present = [x for x in universe if (folder / x).is_dir()] if retrieval else \
+            [x for x in universe if _has_pair(folder, x)]
         if not present:
-            missing.append(f"{bench}: none of the paper's {len(universe)} {'languages' if bench == 'miracl' else 'pairs'}"
-                           f" in {folder} (fetch: {_FETCH[task]})")
+            missing.append(f"{bench}: none of the paper's {len(universe)} {'languages' if retrieval else 'pairs'}"
+                           f" in {folder} (fetch: {fetch})")
             continue
         if state.is_done(bench, present):
             log.info("%s: done before on the same %d inputs: not evaluated again", bench, len(present))
             continue
         _warn_missing(bench, universe, present, folder)
         inputs[bench] = present
-        if bench == "miracl":
-            # as conf/eval/miracl.yaml: one language at a time, the recipe's 512 tokens and fp16, and (with
-            # work_dir) the corpus encoded into resumable fp16 shards, each rank reading and encoding its part
-            evaluators[bench] = RetrievalEvaluator(
-                load_beir(folder, split="dev", lazy=True), name="miracl", prompts=prompts, task="miracl",
-                languages=present, batch_size=args.batch_size, query_max_length=args.query_max_length,
-                passage_max_length=args.passage_max_length, max_tokens=65536, precision="fp16", work_dir=work_dir)
+        given = {"batch_size": args.batch_size}
+        if retrieval:
+            given |= {"query_max_length": args.query_max_length, "passage_max_length": args.passage_max_length,
+                      "work_dir": str(work_dir) if work_dir is not None else None}
         else:
-            evaluators[bench] = BitextEvaluator(folder, task=task, direction=direction, prompts=prompts,
-                                                languages=present, batch_size=args.batch_size)
-    tasks = []
-    if "mteb" in wanted:
+            given |= {"max_length": args.query_max_length}
+        overrides = {k: v for k, v in given.items() if v is not None or k == "work_dir"}
+        evaluators[bench] = build(node, prompts=prompts, languages=present, **overrides)
+    mteb = None
+    for bench in [b for b in wanted if _kind(nodes[b]) == "mteb"]:
         try:
             from me5.eval import mteb as me5_mteb
         except ImportError as err:
             missing.append(f"mteb: the mteb package cannot be imported ({err}); pip install 'mteb>=2' (in me5's dev "
                            f"extra)")
-        else:
-            from me5.eval.paper import mteb_task_key
+            continue
+        from me5.eval.paper import mteb_task_key
 
-            every = me5_mteb.paper_tasks()
-            tasks = [t for t in every if mteb_task_key(t.metadata.name) not in state.metrics]
-            done = len(every) - len(tasks)
-            if done:
-                log.info("mteb: %d task(s) done before: not evaluated again", done)
-            try:
-                me5_mteb.check_data(tasks, cache_dir=args.mteb_cache_dir, online=args.mteb_online)
-            except DataError as err:
-                missing.append(f"mteb: {err}")
+        node = nodes[bench]
+        every = _mteb_tasks(node)
+        todo = [t for t in every if mteb_task_key(t.metadata.name) not in state.metrics]
+        if len(every) > len(todo):
+            log.info("mteb: %d task(s) done before: not evaluated again", len(every) - len(todo))
+        mteb = MtebPlan(every, todo, int(args.batch_size or node.batch_size),
+                        args.mteb_cache_dir if args.mteb_cache_dir is not None else node.get("cache_dir"),
+                        bool(args.mteb_online) or not node.get("offline", True))
+        try:
+            me5_mteb.check_data(todo, cache_dir=mteb.cache_dir, online=mteb.online)
+        except DataError as err:
+            missing.append(f"mteb: {err}")
     if missing:
         raise DataError(f"--suite {args.suite}: {len(missing)} input(s) missing (--data-root {root}); nothing was "
                         f"evaluated (--benchmarks runs fewer):\n" + "\n".join(f"- {m}" for m in missing))
-    return evaluators, inputs, tasks
+    return evaluators, inputs, mteb if mteb is not None and mteb.todo else None
+
+
+def _kind(node) -> str:
+    target = str(node.get("_target_", ""))
+    return "mteb" if target.endswith("MtebEvaluator") else "retrieval" if target.endswith("RetrievalEvaluator") \
+        else "bitext"
+
+
+def _mteb_tasks(node) -> list:
+    from me5.eval.mteb import paper_tasks, resolve_tasks
+
+    tasks = node.get("tasks", "paper")
+    return paper_tasks() if tasks == "paper" else resolve_tasks([tasks] if isinstance(tasks, str) else list(tasks))
 
 
 def _has_pair(folder: Path, pair: str) -> bool:
@@ -398,20 +450,18 @@ def run_suite(args: argparse.Namespace) -> dict[str, float]:
         column = paper_model(args.paper_model or args.model)
     except ValueError as err:
         raise ConfigError("--paper-model", str(err)) from None
-    settings = read_model_settings(args.model)
-    if args.prompts is not None:
-        settings["prompts"] = args.prompts
-    prompts = PromptPolicy(settings["prompts"])
+    settings = read_saved_settings(args.model).with_prompts(args.prompts)
+    prompts = settings.prompts
     out = Path(args.output_dir or Path("outputs") / "eval" / (Path(args.model).name or "model"))
-    fingerprint = {"model": str(args.model), "settings": settings, "query_max_length": args.query_max_length,
+    fingerprint = {"model": str(args.model), "settings": settings.as_dict(), "query_max_length": args.query_max_length,
                    "passage_max_length": args.passage_max_length}
     state = SuiteState(out, fingerprint, fresh=args.fresh)
     # on disk with --output-dir, and always with several processes: the ranks share the corpus through the shards
     work_dir = out / "embeddings" if args.output_dir or launched_world() > 1 else None
-    evaluators, inputs, mteb_tasks = _suite_plan(args, prompts, work_dir=work_dir, state=state)  # before the model
-    meta = {"model": args.model, "suite": args.suite, "paper_model": column, "settings": settings,
+    evaluators, inputs, mteb = _suite_plan(args, prompts, work_dir=work_dir, state=state)  # before the model
+    meta = {"model": args.model, "suite": args.suite, "paper_model": column, "settings": settings.as_dict(),
             "world_size": launched_world()}
-    if not evaluators and not mteb_tasks:
+    if not evaluators and mteb is None:
         log.info("nothing left to evaluate in %s", out)
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 writes
             return state.metrics
@@ -441,11 +491,11 @@ def run_suite(args: argparse.Namespace) -> dict[str, float]:
         return state.metrics
     for bench in [b for b in evaluators if b not in shared]:
         evaluate(bench)
-    if mteb_tasks:
-        from me5.eval.mteb import Me5MtebEncoder, evaluate_mteb, paper_tasks
+    if mteb is not None:
+        from me5.eval.mteb import Me5MtebEncoder, evaluate_mteb
 
         wrapper = Me5MtebEncoder(encoder, tokenizer, prompts=prompts, name=str(args.model), device=device,
-                                 batch_size=args.batch_size)
+                                 batch_size=mteb.batch_size)
         clock = [time.perf_counter()]
 
         def on_task(name: str, scores: dict[str, float]) -> None:
@@ -454,8 +504,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, float]:
             state.write(column, meta)
 
         done = {k: v for k, v in state.metrics.items() if k.startswith("mteb/")}
-        state.metrics.update(evaluate_mteb(wrapper, paper_tasks(), prompts=prompts, batch_size=args.batch_size,
-                                           cache_dir=args.mteb_cache_dir, offline=not args.mteb_online, done=done,
+        state.metrics.update(evaluate_mteb(wrapper, mteb.every, prompts=prompts, batch_size=mteb.batch_size,
+                                           cache_dir=mteb.cache_dir, offline=not mteb.online, done=done,
                                            on_task=on_task))
     return _finish(args, state, column, meta, out)
 

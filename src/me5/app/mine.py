@@ -11,7 +11,8 @@ Input: a stage-2 source (``--source CLASS --raw PATH``, as ``me5.prepare``) or f
 ``me5.json``, as ``me5.evaluate`` reads them; ``--prompts`` overrides) or a hub id. Window, guards and sampling:
 ``--n``, ``--range-min``/``--range-max``, ``--perc-pos`` (TopK-PercPos, default 0.95; ``--perc-pos none`` turns
 it off), ``--absolute-margin``, ``--sampling top|random``, ``--teacher MODEL`` (re-check with a cross-encoder; the
-records then carry its scores). The library is :mod:`me5.embed.mine`; its docstring has the full story.
+records then carry its scores). The library is :mod:`me5.mining` (:mod:`me5.mining.mine`'s docstring has the
+full story).
 
 Several processes: ``--rank R --world W`` (default: torchrun's ``RANK``/``WORLD_SIZE``); each embeds its share of
 the corpus and mines its shards. A killed run resumes: run the same command again.
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from me5.errors import ConfigError, Me5Error
-from me5.prompts import STYLES, PromptPolicy
+from me5.prompts import STYLES
 
 log = logging.getLogger("me5.mine")
 
@@ -61,15 +62,10 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
 
 def build_source(args):
     """The :class:`~me5.data.source.Source` named by ``--data`` or ``--source``/``--raw``."""
-    from me5.app.prepare import _import, _parse_value
+    from me5.app.cli import import_object, parse_key_values
     from me5.data.source import Source
 
-    kwargs = {}
-    for kv in args.source_arg or []:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise ConfigError("--source-arg", f"expected key=value, got '{kv}'")
-        kwargs[k] = _parse_value(v)
+    kwargs = parse_key_values(args.source_arg, field="--source-arg")
     if args.name:
         kwargs["name"] = args.name
     if args.data and (args.source or args.raw):
@@ -78,7 +74,7 @@ def build_source(args):
         return Source(args.data, **kwargs)
     if not args.source or not args.raw:
         raise ConfigError("--source", "give --data PATH, or --source CLASS --raw PATH")
-    return _import(args.source)(args.raw, **kwargs)
+    return import_object(args.source, field="prepare.source")(args.raw, **kwargs)
 
 
 def default_device(device: str | None) -> str:
@@ -133,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace):
     """Check everything cheap, then load the model(s) and mine (returns the :class:`JobResult`)."""
-    from me5.app.evaluate import load_model, read_model_settings
-    from me5.embed.mine import MineOptions, approximate, check_corpus_file, mine, plan_mining, read_source
+    from me5.app.evaluate import load_model, read_saved_settings
+    from me5.mining.mine import mine
+    from me5.mining.options import MineOptions, approximate
+    from me5.mining.plan import check_corpus_file, plan_mining, read_source
 
     search = args.search or ("faiss" if approximate(args.index) else "exact")
     opts = MineOptions(
@@ -149,25 +147,23 @@ def run(args: argparse.Namespace):
     if args.corpus is not None:
         check_corpus_file(args.corpus)
     if args.teacher is not None:
-        from me5.embed.teacher import check_cross_encoder
+        from me5.mining.teacher import check_cross_encoder
 
         check_cross_encoder(args.teacher, field="--teacher")
     source = build_source(args)
     records, counts = read_source(source, strict=False if args.lenient else None)
     plan = plan_mining(records, opts, corpus=args.corpus, name=source.name, instruction=source.instruction,
                        symmetric=bool(source.symmetric), counts=counts)
-    settings = read_model_settings(args.model)
-    if args.prompts is not None:
-        settings["prompts"] = args.prompts
+    settings = read_saved_settings(args.model).with_prompts(args.prompts)
     device = default_device(args.device)
     encoder, tokenizer, dev = load_model(args.model, settings, device)
     scorer = None
     if args.teacher is not None:
-        from me5.embed.teacher import CrossEncoderScorer
+        from me5.mining.teacher import CrossEncoderScorer
 
         scorer = CrossEncoderScorer.from_pretrained(args.teacher, device=dev, max_length=args.teacher_max_length,
                                                     field="--teacher")
-    return mine(plan, encoder, tokenizer, args.out, options=opts, prompts=PromptPolicy(settings["prompts"]),
+    return mine(plan, encoder, tokenizer, args.out, options=opts, prompts=settings.prompts,
                 scorer=scorer, rank=args.rank, world=args.world, work_dir=args.work_dir, overwrite=args.overwrite,
                 model_id=str(args.model), device=dev, show_progress=not args.no_progress and sys.stderr.isatty(),
                 wait_s=args.wait)
@@ -188,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def report(result) -> None:
     """Print a finished job's counts, or how far this process got (``me5.mine`` and ``me5.score``)."""
-    from me5.embed.mine import format_counts
+    from me5.mining.output import format_counts
 
     if result.complete:
         print(format_counts(result.stats["counts"]))

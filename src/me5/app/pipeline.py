@@ -9,9 +9,7 @@ run) happens before it has passed.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +19,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from me5.batching import BatchPlan
 from me5.errors import ConfigError, DataError, Me5Error
+from me5.training.run import STAGES, StageRun, StageSpec
 
 log = logging.getLogger(__name__)
-
-STAGES = ("pretrain", "finetune")
 
 
 def build(node, **kwargs):
@@ -57,44 +53,46 @@ def stage_order(stages) -> list[str]:
 EVAL_AFTER = ("shared", "job")  # see conf/config.yaml eval_after
 
 
-def validate_config(cfg) -> list[str]:
-    """Reject unknown or contradictory settings before anything is built; each error names its field."""
+def stage_spec(cfg, stage: str) -> StageSpec:
+    """``stages.<stage>`` built (:class:`~me5.training.run.StageSpec` checks its fields, naming them)."""
+    node = cfg.stages[stage]
+    if str(node.get("name")) != stage:
+        raise ConfigError(f"stages.{stage}.name", f"is '{node.get('name')}': a stage's node holds its own name")
+    sched = node.module.get("scheduler")
+    if sched is not None and "total_steps" in sched:
+        raise ConfigError(f"stages.{stage}.module.scheduler.total_steps",
+                          f"the schedule spans the stage: set stages.{stage}.max_steps")
+    return build(node)
+
+
+def validate_config(cfg) -> dict[str, StageSpec]:
+    """Reject unknown or contradictory settings before anything is built; each error names its field. Returns the
+    selected stages' specs in pipeline order."""
     unknown = [s for s in (cfg.get("stages") or {}) if s not in STAGES]
     if unknown:
         raise ConfigError(f"stages.{unknown[0]}", f"unknown stage; stages are {list(STAGES)}")
-    stages = selected_stages(cfg)
+    stages = stage_order(selected_stages(cfg))
     if not stages:
         raise ConfigError("stage", "no stage selected (e.g. stage=[pretrain,finetune])")
-    terms = cfg.loss.get("terms") or {}
-    for tname, tcfg in terms.items():
-        for sname, w in (tcfg.get("weight") or {}).items():
-            if sname not in STAGES:
-                raise ConfigError(f"loss.terms.{tname}.weight.{sname}", f"unknown stage; stages are {list(STAGES)}")
-            if not (float(w) >= 0):
-                raise ConfigError(f"loss.terms.{tname}.weight.{sname}", f"must be >= 0, got {w}")
     for key in cfg:  # a top-level ??? (e.g. an experiment's start_from) must be given on the command line
         if OmegaConf.is_missing(cfg, key):
             raise ConfigError(str(key), f"must be given (e.g. {key}=<run dir>/export/pretrain): see the experiment")
     build(cfg.prompts)  # an unknown prompt style names prompts.style
-    evaluated_stages(cfg.get("eval_stages", "all"), stage_order(stages))
+    evaluated_stages(cfg.get("eval_stages", "all"), stages)
     if cfg.get("eval_after", "shared") not in EVAL_AFTER:
         raise ConfigError("eval_after", f"unknown '{cfg.eval_after}'; choose one of {list(EVAL_AFTER)}")
     if float(cfg.loss.temperature) <= 0:
         raise ConfigError("loss.temperature", f"must be > 0, got {cfg.loss.temperature}")
+    specs = {}
     for s in stages:
-        scfg = cfg.stages[s]
         if s not in (cfg.data or {}):
             raise ConfigError(f"data.{s}", f"the data config '{cfg.data.get('name')}' has no data for stage {s}")
         for key in [k for k in cfg.data[s] if not str(k).startswith("_")]:
             if OmegaConf.is_missing(cfg.data[s], key):
                 raise ConfigError(f"data.{s}.{key}", f"must be given for stage {s} (e.g. data.{s}.{key}=/my/pairs.jsonl)")
-        if not any(float((t.get("weight") or {}).get(s, 0)) > 0 for t in terms.values()):
-            raise ConfigError(f"loss.terms.*.weight.{s}", f"no loss term has a positive weight in stage {s}")
-        _check_schedule(scfg, f"stages.{s}")
-        if int(scfg.n_negatives) < 0:
-            raise ConfigError(f"stages.{s}.n_negatives", "must be >= 0")
-        BatchPlan.build(**_plan_fields(scfg), world_size=1, where=f"stages.{s}")  # field checks; world size later
-    return stages
+        specs[s] = stage_spec(cfg, s)
+        build_loss(cfg, specs[s])  # every weighted term exists and builds
+    return specs
 
 
 def evaluated_stages(eval_stages, stages: list[str]) -> list[str]:
@@ -113,27 +111,6 @@ def evaluated_stages(eval_stages, stages: list[str]) -> list[str]:
     return [s for s in stages if s in eval_stages]
 
 
-def _check_schedule(scfg, where: str) -> None:
-    """Steps, warm-up and LR of a stage: each set once (``stages.<stage>.*``) and consistent."""
-    steps, warmup = int(scfg.max_steps), int(scfg.warmup_steps)
-    if steps < 1:
-        raise ConfigError(f"{where}.max_steps", f"must be >= 1, got {scfg.max_steps}")
-    if warmup < 0:
-        raise ConfigError(f"{where}.warmup_steps", f"must be >= 0, got {warmup}")
-    if warmup > steps:
-        raise ConfigError(f"{where}.warmup_steps", f"{warmup} warm-up steps is longer than the stage "
-                                                   f"({where}.max_steps={steps})")
-    if not float(scfg.lr) > 0:
-        raise ConfigError(f"{where}.lr", f"must be > 0, got {scfg.lr}")
-    sched = scfg.module.get("scheduler")
-    if sched is not None and "total_steps" in sched:
-        raise ConfigError(f"{where}.module.scheduler.total_steps", f"the schedule spans the stage: set {where}.max_steps")
-
-
-def _plan_fields(scfg) -> dict:
-    return {k: scfg.get(k) for k in ("global_batch_size", "per_device_batch_size", "chunk_rows", "chunk_tokens")}
-
-
 def trainer_world_size(trainer_cfg) -> int:
     """The number of processes the configured Trainer will run (devices x nodes), without starting any."""
     trainer = build(trainer_cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -141,37 +118,35 @@ def trainer_world_size(trainer_cfg) -> int:
     return int(trainer.world_size)
 
 
-def batch_plans(cfg, stages, world_size: int) -> dict[str, BatchPlan]:
-    """Each stage's :class:`~me5.batching.BatchPlan` on ``world_size`` devices."""
-    return {s: BatchPlan.build(**_plan_fields(cfg.stages[s]), world_size=world_size, where=f"stages.{s}")
-            for s in stages}
-
-
 @dataclass
 class RunPlan:
-    """What :func:`check_run` hands the app: the stages, their batch plans, DataModules and the prompt policy."""
+    """What :func:`check_run` hands the app: the stages (each checked and built: spec, batch plan, DataModule,
+    loss) and the prompt policy."""
 
-    stages: list[str]
-    plans: dict[str, BatchPlan]
-    datamodules: dict
+    stages: list[StageRun]
     prompts: object
     # the sample data folder when the tiny model's tokenizer or the sample evaluation reads it and no source of
     # the run generates it (data=files with model=tiny): the app generates it before anything else
     generate_sample: list[Path] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
 
 
 def check_run(cfg: DictConfig, *, world_size: int | None = None) -> RunPlan:
     """Every check that needs no model, in the order a user would fix them (see module docstring); the data is
     looked at only in its first records. ``world_size``: plan for it instead of building the configured Trainer
     (the dry run on a machine without the accelerator)."""
-    stages = stage_order(validate_config(cfg))
+    specs = validate_config(cfg)
     prompts = build(cfg.prompts)
-    plans = batch_plans(cfg, stages, world_size if world_size is not None else trainer_world_size(cfg.trainer))
-    datamodules = {s: build(cfg.data[s]) for s in stages}
+    world = world_size if world_size is not None else trainer_world_size(cfg.trainer)
+    stages = [StageRun(spec, spec.batch_plan(world), build(cfg.data[s]), build_loss(cfg, spec))
+              for s, spec in specs.items()]
     generated: list[Path] = []
-    for dm in datamodules.values():
-        dm.check()
-        generated += [Path(p) for src in dm.sources().values() for p in src.generates()]
+    for st in stages:
+        st.datamodule.check()
+        generated += [Path(p) for src in st.datamodule.sources().values() for p in src.generates()]
     sample = sample_data_needed(cfg, generated)
     generated += sample
     for name, ev in (cfg.eval or {}).items():
@@ -181,17 +156,16 @@ def check_run(cfg: DictConfig, *, world_size: int | None = None) -> RunPlan:
         if data_dir is not None and not Path(data_dir).is_dir() and not _inside(Path(data_dir), generated):
             raise DataError(f"no such evaluation data folder (eval.{name}.{key})", file=str(data_dir))
     check_eval_inputs(cfg.eval)
-    for s in stages:
-        check_init_from(cfg.stages[s].get("init_from"), f"stages.{s}.init_from")
-    for s in stages:  # the first records of every source: a malformed one is named before anything starts
-        check_first_records(datamodules[s], s)
-    for s in stages:  # stage 2's needs are checked before stage 1 trains, not when stage 2 builds its data
-        loss = build_loss(cfg.loss.terms, s)
-        check_group_sizes(datamodules[s], s, n_negatives=int(cfg.stages[s].n_negatives),
-                          min_group_size=loss.min_group_size)
-        check_stage_needs(datamodules[s], s, n_negatives=int(cfg.stages[s].n_negatives),
-                          require_teacher=loss.requires_teacher)
-    return RunPlan(stages, plans, datamodules, prompts, sample)
+    for st in stages:
+        check_init_from(st.spec.init_from, f"stages.{st.name}.init_from")
+    for st in stages:  # the first records of every source: a malformed one is named before anything starts
+        check_first_records(st.datamodule, st.name)
+    for st in stages:  # stage 2's needs are checked before stage 1 trains, not when stage 2 builds its data
+        check_group_sizes(st.datamodule, st.name, n_negatives=st.spec.n_negatives,
+                          min_group_size=st.loss.min_group_size)
+        check_stage_needs(st.datamodule, st.name, n_negatives=st.spec.n_negatives,
+                          require_teacher=st.loss.requires_teacher)
+    return RunPlan(stages, prompts, sample)
 
 
 def sample_data_needed(cfg, generated) -> list[Path]:
@@ -389,17 +363,11 @@ def build_encoder(encoder_factory, tokenizer, *, init_from: str | None = None, p
     return build(encoder_factory)(tokenizer=tokenizer)
 
 
-def build_loss(terms_cfg: Mapping, stage: str):
-    """The stage's :class:`~me5.losses.WeightedLoss`: every term with a positive weight for ``stage``."""
-    from me5.losses import WeightedLoss
-
-    terms, weights = {}, {}
-    for name, tcfg in terms_cfg.items():
-        w = float((tcfg.get("weight") or {}).get(stage, 0.0))
-        if w > 0:
-            terms[name] = build(tcfg.term)
-            weights[name] = w
-    return WeightedLoss(terms, weights)
+def build_loss(cfg, spec: StageSpec):
+    """The stage's :class:`~me5.losses.WeightedLoss`: the loss group's terms, weighted by the stage's
+    ``loss_weights`` (terms with weight 0 are left out)."""
+    terms = {name: build(node) for name, node in (cfg.loss.get("terms") or {}).items()}
+    return spec.weighted_loss(terms)
 
 
 def build_callbacks(callbacks_cfg, **runtime) -> list:
@@ -420,74 +388,6 @@ def build_callbacks(callbacks_cfg, **runtime) -> list:
     return out
 
 
-RANK0_WAIT_S = 48 * 3600  # how long the other ranks wait for rank 0's evaluators (MTEB's 56 tasks: hours)
-
-
-def evaluate_all(evaluators: Mapping, encoder, tokenizer, *, wait_s: float = RANK0_WAIT_S) -> dict[str, float]:
-    """Run every evaluator on the encoder's device; merged flat metrics, the same on every rank.
-
-    In a distributed job an evaluator runs on every rank unless its ``shares_ranks`` is false: a retrieval corpus
-    encoded under ``work_dir`` (each rank reads, encodes and searches its part) runs everywhere; MTEB, bitext
-    mining and a retrieval corpus in memory run on rank 0 alone (:func:`on_rank0`), and the others receive their
-    metrics. An evaluator without the attribute runs on every rank (it may use collectives, as before). An
-    FSDP-sharded encoder runs collectives in its forward, so then every evaluator runs on every rank.
-    """
-    from me5.distributed import world_info
-    from me5.embed.encode import is_fsdp_sharded
-
-    device = next(encoder.parameters()).device
-    _, world = world_info()
-    everyone = world == 1 or is_fsdp_sharded(encoder)
-    shared = [k for k, ev in evaluators.items() if everyone or getattr(ev, "shares_ranks", True)]
-    alone = [k for k in evaluators if k not in shared]
-    by_name = {k: evaluators[k].evaluate(encoder, tokenizer, device=device, show_progress=True) for k in shared}
-    if alone:
-        by_name.update(on_rank0(lambda: {k: evaluators[k].evaluate(encoder, tokenizer, device=device,
-                                                                   show_progress=True) for k in alone},
-                                wait_s=wait_s))
-    out: dict[str, float] = {}
-    for k in evaluators:  # the config's order
-        out.update(by_name[k])
-    return out
-
-
-def on_rank0(fn, *, wait_s: float = RANK0_WAIT_S):
-    """``fn()`` on rank 0 of the default process group, its result on every rank (``fn()`` alone in one process).
-
-    The other ranks wait in a broadcast on a gloo group made for this call, whose timeout is ``wait_s``: not in
-    a collective of the training group, whose timeout (Lightning's 30 min) an hours-long MTEB pass would exceed,
-    nor in the next stage's first collective. An error on rank 0 reaches the others as a ``RuntimeError`` (after
-    rank 0's own), so no rank is left waiting for a result that will not come.
-    """
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    from me5.distributed import world_info
-
-    rank, world = world_info()
-    if world == 1:
-        return fn()
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
-    try:
-        box: list = [None]
-        error = None
-        if rank == 0:
-            try:
-                box = [(True, fn())]
-            except Exception as err:  # sent to the others, then raised here
-                error, box = err, [(False, f"{type(err).__name__}: {err}")]
-        dist.broadcast_object_list(box, src=0, group=group)
-        if error is not None:
-            raise error
-        ok, value = box[0]
-        if not ok:
-            raise RuntimeError(f"rank 0's evaluation failed: {value}")
-        return value
-    finally:
-        dist.destroy_process_group(group)
-
-
 def finish_loggers(loggers) -> None:
     """Flush every logger; close W&B runs so the next stage starts its own run."""
     for lg in loggers:
@@ -497,22 +397,3 @@ def finish_loggers(loggers) -> None:
 
             if wandb.run is not None:
                 wandb.finish()
-
-
-def write_results(out_dir: Path, results: Mapping, *, meta: Mapping, timings: Mapping, data_counts: Mapping,
-                  show: bool = True) -> Path:
-    """Write ``metrics.json`` and ``results.md`` (atomically: a kill mid-write leaves the previous ones) and, with
-    ``show``, print the results table."""
-    from me5.eval.retrieval import format_table
-
-    table = format_table(dict(results)) if results else "(no evaluation configured)"
-    payload = {"results": results, "timings_s": timings, "data_counts": data_counts, "meta": meta}
-    path = Path(out_dir) / "metrics.json"
-    for target, text in ((path, json.dumps(payload, indent=2, ensure_ascii=False, default=str)),
-                         (Path(out_dir) / "results.md", table + "\n")):
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
-    if show:
-        print("\n" + table + f"\n\nmetrics: {path}\n")
-    return path

@@ -28,9 +28,10 @@ Optional steps from the English E5 recipe (arXiv 2212.03533):
   (default 2) among itself and a random pool of ``--consistency-pool`` passages of the same source, scored by an
   existing model (an exported me5 folder or any ``Encoder.from_pretrained`` path; ``--consistency-preset paper``:
   E5's 1M pool and top 2)
-  (``skipped/inconsistent``). ``--prompt-style`` (``e5``, ``instruct`` or ``none``; default ``e5``) is the prompt
-  style that model was trained with: its query and passage prompts follow each source's task (its instruction,
-  and ``symmetric``), as in training.
+  (``skipped/inconsistent``). The model embeds with its own saved prompt policy (its ``me5.json``, else the
+  prompts of its sentence-transformers files, as ``me5.evaluate`` reads them; ``--prompt-style`` ``e5``,
+  ``instruct`` or ``none`` overrides it): its query and passage prompts follow each source's task (its
+  instruction, and ``symmetric``), as in training.
 
 Bad data is skipped and counted per reason (``undecodable``, ``malformed_json``, ``missing_field``,
 ``empty_text``, ``bad_type``, ``bad_teacher_scores``, ``malformed``, ``too_long``, ``wrong_language`` with
@@ -46,34 +47,15 @@ finished inputs and continues the others where their last shard ended.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from me5.app.cli import import_object, parse_key_values
 from me5.data.shards import PrepareOptions, format_stats, prepare
 from me5.errors import ConfigError, Me5Error
 from me5.prompts import STYLES
-
-
-def _import(dotted: str):
-    mod, _, attr = dotted.rpartition(".")
-    if not mod:
-        raise ConfigError("prepare.source", f"'{dotted}' is not a dotted class path (e.g. me5.data.source.Source)")
-    try:
-        return getattr(importlib.import_module(mod), attr)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError("prepare.source", f"cannot import '{dotted}' ({err})") from err
-
-
-def _parse_value(text: str):
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 def build_sources(args) -> tuple[dict[str, object], dict]:
@@ -101,14 +83,8 @@ def build_sources(args) -> tuple[dict[str, object], dict]:
         return sources, opts
     if not args.source or not args.raw:
         raise ConfigError("prepare", "give --source CLASS --raw PATH, or --config FILE")
-    cls = _import(args.source)
-    kwargs = {}
-    for kv in args.source_arg or []:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise ConfigError("prepare.source_arg", f"expected key=value, got '{kv}'")
-        kwargs[k] = _parse_value(v)
-    src = cls(args.raw, **kwargs)
+    cls = import_object(args.source, field="prepare.source")
+    src = cls(args.raw, **parse_key_values(args.source_arg, field="prepare.source_arg"))
     return {args.name or src.name: src}, {}
 
 
@@ -175,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--consistency-packed", action="store_true", default=None, help="pipeline: packed rows")
     p.add_argument("--consistency-search", choices=("faiss", "exact"), help="pipeline: pool search (default faiss)")
     p.add_argument("--prompt-style", choices=STYLES,
-                   help="the prompt style the consistency model was trained with (default: e5)")
+                   help="override the consistency model's saved prompt policy (default: the model's own)")
     p.add_argument("--device")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-shards", type=int, help="inline: stop after writing this many shards (rerun to continue)")
@@ -230,7 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"prepare.{extra[0]}", "is an option of the pipeline (--engine pipeline)")
             opts = PrepareOptions(**{k: v for k, v in flat.items() if k in fields})
             opts.progress = not args.no_progress and opts.progress
-            stats = prepare(sources, args.out, opts)
+            embedder_for = None
+            if opts.consistency_model is not None:  # the model half is mining's: me5.data loads no model
+                from me5.mining.consistency import source_embedders
+
+                opts, embedder_for = source_embedders(opts)
+            stats = prepare(sources, args.out, opts, embedder_for=embedder_for)
     except Me5Error as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ then the negatives in their order) by any Hugging Face cross-encoder with one ou
 (``AutoModelForSequenceClassification``; ``--model``, default ``BAAI/bge-reranker-v2-m3``, a multilingual
 reranker: the paper does not name its teacher). bf16 autocast on GPU, length-sorted token-budget batches,
 resumable (run the same command again), shardable (``--rank``/``--world``, default torchrun's). The input is a
-stage-2 source or normalised files (``--data``), as for ``me5.mine``; the library is :mod:`me5.embed.teacher`.
+stage-2 source or normalised files (``--data``), as for ``me5.mine``; the library is :mod:`me5.mining.teacher`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ log = logging.getLogger("me5.score")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from me5.embed.teacher import DEFAULT_TEACHER
+    from me5.mining.teacher import DEFAULT_TEACHER
 
     p = argparse.ArgumentParser(prog="python -m me5.score", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace):
     """Check the teacher's config and read the records, then load the teacher and score."""
-    from me5.embed.mine import read_source
-    from me5.embed.teacher import CrossEncoderScorer, ScoreOptions, check_cross_encoder, score_records
+    from me5.mining.plan import read_source
+    from me5.mining.teacher import CrossEncoderScorer, ScoreOptions, check_cross_encoder, score_records
 
     opts = ScoreOptions(shard_rows=args.shard_rows, row_group_rows=args.row_group_rows, seed=args.seed,
                         split_langs=args.split_langs, max_shards=args.max_shards)

@@ -4,7 +4,7 @@ Queries and passages are tokenised separately with their own maximum length. Tru
 silent: the counts ride along in the batch (``n_truncated_queries``/``n_truncated_passages``) and the
 LightningModule logs them.
 
-Speed (see ``python -m me5.app.bench_data``): with a fast (Rust) tokenizer the whole batch is one
+Speed (see ``python -m benchmarks.data_loader``): with a fast (Rust) tokenizer the whole batch is one
 ``encode_batch_fast`` call per side on a private copy of the backend tokenizer, with the tokenizer's own
 truncation (so ``</s>`` is kept exactly as ``truncation=True`` keeps it); a text counts as truncated when
 its encoding has overflowing tokens (exact). Padding is one vectorised numpy scatter.
@@ -70,18 +70,19 @@ class ItemFormatter:
     example's hard negatives drawn at random (with their teacher scores, positive first).
 
     A record with its own ``instruction`` or ``symmetric`` (instruction data) gets the prompts of those under
-    ``prompts``; the source's (``instruction``, ``symmetric``) fill in what it does not carry.
+    ``prompts``; the source's (``instruction``, ``symmetric``) fill in what it does not carry. Built by
+    :meth:`for_source`: the policy is always given, never a default.
     """
 
-    query_prompt: str = ""
-    document_prompt: str = ""
-    n_negatives: int = 0
-    prompts: PromptPolicy | None = field(default=None, compare=False)
+    query_prompt: str
+    document_prompt: str
+    n_negatives: int
+    prompts: PromptPolicy = field(compare=False)
     instruction: str | None = None
     symmetric: bool = False
 
     @classmethod
-    def for_source(cls, source, prompts, *, n_negatives: int = 0) -> ItemFormatter:
+    def for_source(cls, source, *, prompts: PromptPolicy, n_negatives: int = 0) -> ItemFormatter:
         """The formatter of a :class:`~me5.data.source.Source` under a :class:`~me5.prompts.PromptPolicy`."""
         instruction = source.instruction if prompts.style == "instruct" else None
         q, d = prompts.pair(instruction, symmetric=source.symmetric)
@@ -89,7 +90,7 @@ class ItemFormatter:
 
     def prompts_of(self, ex) -> tuple[str, str]:
         """``(query prompt, document prompt)`` of example ``ex``: the source's, or its own (see the class)."""
-        if self.prompts is None or (ex.instruction is None and ex.symmetric is None):
+        if ex.instruction is None and ex.symmetric is None:
             return self.query_prompt, self.document_prompt
         instruction = (ex.instruction or self.instruction) if self.prompts.style == "instruct" else None
         symmetric = self.symmetric if ex.symmetric is None else ex.symmetric

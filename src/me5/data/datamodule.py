@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -47,6 +48,20 @@ def _check_word_cache(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ConfigError("data.word_cache", f"must be an integer >= 0 (0 turns the cache off), got {n!r}")
     return n
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What :meth:`PairDataModule.connect` binds once the model and the world size exist: the tokenizer, the
+    stage's whole :class:`~me5.batching.BatchPlan`, the lengths, and each source's record classifier and item
+    formatter (prompts, negatives)."""
+
+    tokenizer: object
+    batch_plan: BatchPlan
+    query_max_length: int
+    passage_max_length: int
+    classifiers: dict
+    formatters: dict
 
 
 class PairDataModule(L.LightningDataModule):
@@ -117,7 +132,7 @@ class PairDataModule(L.LightningDataModule):
         self.examples: dict[str, list[PairExample]] = {}
         self.leaves: dict[str, list[Leaf]] = {}
         self.counts: dict[str, Counter] = {name: Counter() for name in self._sources}
-        self._connected: dict | None = None
+        self._connected: Connection | None = None
         self._streaming_now: bool | None = None
         self._layout: dict | None = None
 
@@ -219,17 +234,16 @@ class PairDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def connect(self, tokenizer, *, batch_plan: BatchPlan, n_negatives: int = 0, require_teacher: bool = False,
-                query_max_length: int = 64, passage_max_length: int = 128,
-                prompts: PromptPolicy | None = None) -> None:
-        """Runtime inputs that exist only once the model and the world size do (litgpt's ``connect``)."""
-        prompts = prompts or PromptPolicy("e5")
+                query_max_length: int = 64, passage_max_length: int = 128, prompts: PromptPolicy) -> None:
+        """Runtime inputs that exist only once the model and the world size do (litgpt's ``connect``): the
+        tokenizer, the batch plan and the run's prompt policy (``prompts``, required: the app binds it)."""
         per = self.check_group_sizes(n_negatives)
-        self._connected = dict(
+        self._connected = Connection(
             tokenizer=tokenizer, batch_plan=batch_plan, query_max_length=query_max_length,
             passage_max_length=passage_max_length,
             classifiers={n: src.classifier(n_negatives=per[n], require_teacher=require_teacher)
                          for n, src in self._sources.items()},
-            formatters={n: ItemFormatter.for_source(src, prompts, n_negatives=per[n])
+            formatters={n: ItemFormatter.for_source(src, prompts=prompts, n_negatives=per[n])
                         for n, src in self._sources.items()},
         )
 
@@ -237,7 +251,7 @@ class PairDataModule(L.LightningDataModule):
     def batch_plan(self) -> BatchPlan:
         if self._connected is None:
             raise RuntimeError("call connect(tokenizer, batch_plan=...) first")
-        return self._connected["batch_plan"]
+        return self._connected.batch_plan
 
     def setup(self, stage: str | None = None) -> None:
         if self._connected is None:
@@ -248,7 +262,7 @@ class PairDataModule(L.LightningDataModule):
                 if name not in self.leaves:
                     self.leaves[name] = src.stream_leaves(by_lang=by_lang)
             elif name not in self.examples:
-                self.examples[name], self.counts[name] = src.load_examples(self._connected["classifiers"][name])
+                self.examples[name], self.counts[name] = src.load_examples(self._connected.classifiers[name])
         self._check_size()
 
     def _check_size(self) -> None:
@@ -296,8 +310,8 @@ class PairDataModule(L.LightningDataModule):
 
     def _collator(self) -> PairCollator:
         c = self._connected
-        return PairCollator(c["tokenizer"], query_max_length=c["query_max_length"],
-                            passage_max_length=c["passage_max_length"], word_cache=self.word_cache)
+        return PairCollator(c.tokenizer, query_max_length=c.query_max_length,
+                            passage_max_length=c.passage_max_length, word_cache=self.word_cache)
 
     def build_stream(self, collator, *, rank: int = 0, world: int | None = None):
         """The dataset rank ``rank`` iterates (``world``: simulate another world size than the plan's)."""
@@ -306,7 +320,7 @@ class PairDataModule(L.LightningDataModule):
             self.batch_plan.with_world_size(world)
         if not self.is_streaming():
             return PairBatchStream(self.examples, self.sampling_weights(), collator=collator,
-                                   formatters=c["formatters"], batch_plan=plan, rank=rank, seed=self.seed,
+                                   formatters=c.formatters, batch_plan=plan, rank=rank, seed=self.seed,
                                    homogeneous=self.homogeneous, start_batch=self.position.start_batch,
                                    lang_weights=self.lang_weights())
         readers_per_rank = max(1, self.num_workers)
@@ -314,7 +328,7 @@ class PairDataModule(L.LightningDataModule):
         leaves, weights = self._leaf_weights()
         carry = self.position.start_states(leaves, self._layout)
         return ShardedPairStream(
-            c["classifiers"], leaves, weights, collator=collator, formatters=c["formatters"], batch_plan=plan,
+            c.classifiers, leaves, weights, collator=collator, formatters=c.formatters, batch_plan=plan,
             rank=rank, readers_per_rank=readers_per_rank, seed=self.seed, homogeneous=self.homogeneous,
             start_batch=self.position.start_batch,
             start_states={rid: st for rid, st in carry.items() if rid // readers_per_rank == rank},

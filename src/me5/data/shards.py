@@ -12,7 +12,8 @@ For each source, :func:`prepare` writes
 Every record is classified by the one record classifier (:class:`~me5.data.records.RecordClassifier`, the
 training loader's), with the extra checks of :mod:`me5.data.decontaminate` (``langs``: ``wrong_language``;
 ``eval_sets``: ``eval_overlap``); ``kept`` is counted when a shard is written, after the consistency filter
-(:mod:`me5.embed.consistency`, ``skipped/inconsistent``), which is imported only when it is used.
+(:class:`~me5.data.consistency.ConsistencyFilter`, ``skipped/inconsistent``), whose scorer the caller gives: this
+room loads no model (``source_embedders`` of the mining room builds them from ``consistency_model``).
 
 Interrupted runs resume: each input file has a progress marker (``_progress/<input>.json``) holding the input
 position after the last written shard and the counts so far; shards are written atomically, so a rerun skips
@@ -26,13 +27,14 @@ import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from me5.data.consistency import ConsistencyFilter, Embedder
 from me5.data.decontaminate import EvalOverlap, LanguageCheck
 from me5.data.readers import (
     SHARDS_FORMAT,
@@ -43,12 +45,12 @@ from me5.data.readers import (
 )
 from me5.data.schema import PairExample
 from me5.errors import ConfigError
-from me5.prompts import STYLES, PromptPolicy
+from me5.jsonio import write_json
+from me5.prompts import STYLES
 
 if TYPE_CHECKING:
     from me5.data.records import Check
     from me5.data.source import Source
-    from me5.embed.consistency import ConsistencyFilter, Embedder
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +67,16 @@ class PrepareOptions:
     max_chars: int | None = None
     langs: Sequence[str] | None = None
     eval_sets: Sequence[str] = ()
+    # the consistency model (a saved model's path): its embedders are the caller's, given to prepare()
+    # (mining.consistency.source_embedders); the path is recorded with the cached pool
     consistency_model: str | None = None
     consistency_top_k: int = 2
     consistency_pool: int = 100_000
     consistency_batch_size: int = 256
     consistency_max_length: int = 128
-    prompt_style: str = "e5"  # the prompt style the consistency model was trained with (me5.prompts.STYLES)
+    # the consistency model's prompt style (me5.prompts.STYLES): None reads the model's own saved policy (its
+    # me5.json or sentence-transformers prompts), a style overrides it
+    prompt_style: str | None = None
     device: str | None = None
     strict: bool = False
     seed: int = 0
@@ -85,7 +91,7 @@ class PrepareOptions:
                 raise ConfigError(f"prepare.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.max_chars is not None and self.max_chars < 1:
             raise ConfigError("prepare.max_chars", f"must be >= 1, got {self.max_chars}")
-        if self.prompt_style not in STYLES:
+        if self.prompt_style is not None and self.prompt_style not in STYLES:
             raise ConfigError("prepare.prompt_style", f"unknown prompt style '{self.prompt_style}'; choose one of "
                                                       f"{list(STYLES)}")
 
@@ -166,8 +172,8 @@ def _schema():
     ])
 
 
-def _write_shard(path: Path, examples: Sequence[PairExample], row_group_rows: int, *, seed: Sequence[int],
-                 split_langs: bool) -> dict:
+def write_shard(path: Path, examples: Sequence[PairExample], row_group_rows: int, *, seed: Sequence[int],
+                split_langs: bool) -> dict:
     """Write ``examples`` shuffled (seeded) in row groups of ``row_group_rows``; with ``split_langs`` each row group
     holds one language (stable-sorted by language after the shuffle). Atomic: a tmp file renamed at the end."""
     import pyarrow as pa
@@ -205,12 +211,6 @@ def _write_shard(path: Path, examples: Sequence[PairExample], row_group_rows: in
     return {"file": path.name, "rows": len(examples), "row_groups": groups}
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ============================================================================================== one source
 class _Stop(Exception):
     """``max_shards`` reached: stop this run (the progress markers hold where to resume)."""
@@ -230,8 +230,6 @@ class _SourceJob:
     def build_consistency(self) -> None:
         if self.embedder is None:
             return
-        from me5.embed.consistency import ConsistencyFilter
-
         cache = self.out / "_consistency"
         cache.mkdir(parents=True, exist_ok=True)
         meta = {"pool": self.opts.consistency_pool, "seed": self.opts.seed, "model": self.opts.consistency_model,
@@ -262,7 +260,7 @@ class _SourceJob:
             self.consistency = ConsistencyFilter(self.embedder, texts, top_k=self.opts.consistency_top_k,
                                                  batch_size=self.opts.consistency_batch_size)
             np.save(cache / "pool.npy", self.consistency.pool)
-            _write_json(cache / "pool.json", {"meta": meta, "texts": texts})
+            write_json(cache / "pool.json", {"meta": meta, "texts": texts})
             return
         self.consistency = ConsistencyFilter(self.embedder, texts, top_k=self.opts.consistency_top_k,
                                              batch_size=self.opts.consistency_batch_size, pool_embeddings=emb)
@@ -301,10 +299,10 @@ class _SourceJob:
             if kept:
                 k = len(state["shards"])
                 shard = self.out / f"part-{inp.index:05d}-{k:05d}.parquet"
-                state["shards"].append(_write_shard(shard, kept, self.opts.row_group_rows,
-                                                    seed=(self.opts.seed, inp.index, k), split_langs=self.opts.split_langs))
+                state["shards"].append(write_shard(shard, kept, self.opts.row_group_rows,
+                                                   seed=(self.opts.seed, inp.index, k), split_langs=self.opts.split_langs))
             state.update(position=position, counts=dict(counts), langs={k: dict(v) for k, v in langs.items()}, done=done)
-            _write_json(marker, state)
+            write_json(marker, state)
             buffer.clear()
             if kept:
                 self.budget[0] -= 1
@@ -350,8 +348,8 @@ class _SourceJob:
             sh["bytes"] = (self.out / sh["file"]).stat().st_size
         stats = {"counts": dict(sorted(counts.items())), "langs": {k: dict(sorted(v.items())) for k, v in sorted(langs.items())},
                  "shards": len(shards), "rows": sum(s["rows"] for s in shards)}
-        _write_json(self.out / SHARDS_MANIFEST, {"format": SHARDS_FORMAT, "source": self.name, "shards": shards})
-        _write_json(self.out / "stats.json", stats)
+        write_json(self.out / SHARDS_MANIFEST, {"format": SHARDS_FORMAT, "source": self.name, "shards": shards})
+        write_json(self.out / "stats.json", stats)
         return stats
 
 
@@ -362,16 +360,23 @@ def prepare(
     options: PrepareOptions | None = None,
     *,
     embedder: Embedder | None = None,
+    embedder_for: Callable[[Source], Embedder] | None = None,
 ) -> dict[str, dict]:
     """Prepare every source into ``out_dir/<name>/``; returns ``{name: stats}`` (also ``out_dir/stats.json``).
 
-    ``sources``: output name -> :class:`~me5.data.source.Source`. ``embedder`` (optional): the consistency
-    filter's scorer; by default built from ``options.consistency_model`` with the prompts of
-    ``options.prompt_style`` for each source's instruction and symmetry.
+    ``sources``: output name -> :class:`~me5.data.source.Source`. The consistency filter runs with a scorer:
+    ``embedder`` (one for every source) or ``embedder_for`` (``source -> embedder``: the source's instruction and
+    symmetry). This room loads no model: for ``options.consistency_model`` the caller builds them
+    (``mining.consistency.source_embedders``, which also reads the model's own prompt style).
     Returns early (``{"_stopped": True}`` among the stats) when ``options.max_shards`` shards were written.
     """
     opts = options or PrepareOptions()
     opts.check()
+    if embedder is not None and embedder_for is not None:
+        raise ConfigError("prepare.embedder", "give embedder (one for every source) or embedder_for, not both")
+    if opts.consistency_model is not None and embedder is None and embedder_for is None:
+        raise ConfigError("prepare.consistency_model", "needs the model's embedders: pass embedder_for= from "
+                          "mining.consistency.source_embedders(options): the data room loads no model")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checks: list[Check] = []  # the classifier's extra checks, in the order prepare always ran them
@@ -387,13 +392,7 @@ def prepare(
             import shutil
 
             shutil.rmtree(src_out)
-        emb = embedder
-        if emb is None and opts.consistency_model is not None:
-            from me5.embed.consistency import model_embedder
-
-            emb = model_embedder(opts.consistency_model, prompts=PromptPolicy(opts.prompt_style),
-                                 instruction=source.instruction, symmetric=bool(source.symmetric), device=opts.device,
-                                 max_length=opts.consistency_max_length, batch_size=opts.consistency_batch_size)
+        emb = embedder_for(source) if embedder_for is not None else embedder
         job = _SourceJob(name, source, src_out, opts, checks=checks, embedder=emb, budget=budget)
         try:
             stats[name] = job.run()
@@ -405,7 +404,7 @@ def prepare(
     overall = {}
     for p in sorted(out_dir.glob("*/stats.json")):
         overall[p.parent.name] = json.loads(p.read_text(encoding="utf-8"))
-    _write_json(out_dir / "stats.json", overall)
+    write_json(out_dir / "stats.json", overall)
     return stats
 
 

@@ -206,7 +206,7 @@ def freeze_gc_in_worker() -> None:
     A worker inherits the trainer's ~0.5M tracked objects (torch, transformers, lightning modules) and keeps
     them all its life. A full collection walks every one of them (~0.3 s on the 2-core VM), and the stream of
     short-lived records sets one off every few tens of batches: about a tenth of a worker's time in
-    ``python -m me5.app.bench_data``. Frozen, they are skipped; objects the worker creates later are collected as
+    ``python -m benchmarks.data_loader``. Frozen, they are skipped; objects the worker creates later are collected as
     usual. It also spares the forked pages that a collection would otherwise write to (copy on write).
     """
     if get_worker_info() is not None:

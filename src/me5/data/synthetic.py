@@ -50,6 +50,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from me5.errors import ConfigError, DataError
+from me5.jsonio import write_atomic, write_text
 
 GENERATOR_VERSION = 1
 LEXICON_PATH = Path(__file__).with_name("assets") / "lexicon.tsv"
@@ -488,23 +489,15 @@ def _eval(s: _Sampler, n_per_lang: int) -> tuple[list[dict], list[dict], list[tu
 
 
 # ----------------------------------------------------------------------------- writing
-def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
+def _save_records(path: Path, records: Iterable[dict]) -> None:
+    """One JSON line per record (its private ``_`` keys left out, ``_id`` kept), written atomically."""
+
+    def lines(fh) -> None:
         for rec in records:
-            fh.write(
-                json.dumps(
-                    {k: v for k, v in rec.items() if not k.startswith("_") or k == "_id"}, ensure_ascii=False
-                )
-            )
-            fh.write("\n")
-    os.replace(tmp, path)
+            public = {k: v for k, v in rec.items() if not k.startswith("_") or k == "_id"}
+            fh.write((json.dumps(public, ensure_ascii=False) + "\n").encode("utf-8"))
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
+    write_atomic(path, lines)
 
 
 OUTPUT_FILES = (
@@ -596,11 +589,11 @@ def generate_sample_data(
     assert all(is_eval_key(k, seed) for k in eval_keys) and not any(is_eval_key(k, seed) for k in train_keys)
 
     (out / "eval" / "qrels").mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "pretrain.jsonl", pre)
-    _write_jsonl(out / "finetune.jsonl", fin)
-    _write_jsonl(out / "eval" / "corpus.jsonl", corpus)
-    _write_jsonl(out / "eval" / "queries.jsonl", queries)
-    _write_text(
+    _save_records(out / "pretrain.jsonl", pre)
+    _save_records(out / "finetune.jsonl", fin)
+    _save_records(out / "eval" / "corpus.jsonl", corpus)
+    _save_records(out / "eval" / "queries.jsonl", queries)
+    write_text(
         out / "eval" / "qrels" / "test.tsv",
         "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in qrels),
     )
@@ -631,7 +624,7 @@ def generate_sample_data(
         },
         "held_out_keys": {"train": len(train_keys), "eval": len(eval_keys), "overlap": 0},
     }
-    _write_text(
+    write_text(
         manifest_path, json.dumps({"params": params, "stats": stats}, ensure_ascii=False, indent=2) + "\n"
     )
     return dict(stats, out_dir=str(out), skipped=False)

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from me5.errors import ConfigError, DataError
+from me5.jsonio import read_json, write_atomic, write_json
 from me5.prompts import prompt_token_count
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def plan_batches(lengths: Sequence[int], *, max_tokens: int, max_batch: int, pad
             batches.append(cur)
             cur = []
         if not cur:
-            width = _round_up(lengths[i], pad_multiple)
+            width = round_up(lengths[i], pad_multiple)
         cur.append(i)
     if cur:
         batches.append(cur)
@@ -98,7 +99,8 @@ def plan_packed_batches(lengths: Sequence[int], *, max_tokens: int, max_batch: i
     return [list(range(sl.start, sl.stop)) for sl in split_by_real_tokens(lengths, max_tokens, max_rows=max_batch)]
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (at least one multiple; at least 1): a padded width."""
     return max(multiple, -(-n // multiple) * multiple) if multiple > 1 else max(n, 1)
 
 
@@ -203,7 +205,7 @@ def _embed_token_rows(encoder: nn.Module, rows: list[list[int]], *, pad_id: int,
     order: list[int] = []
     parts: list[Tensor] = []
     for batch in plan_batches([len(r) for r in rows], max_tokens=max_tokens, max_batch=max_batch):
-        width = _round_up(len(rows[batch[0]]), 8)
+        width = round_up(len(rows[batch[0]]), 8)
         ids = np.full((len(batch), width), pad_id, dtype=np.int64)
         mask = np.zeros((len(batch), width), dtype=np.int64)
         for j, i in enumerate(batch):
@@ -258,7 +260,7 @@ def _pad_info(tokenizer) -> tuple[int, bool]:
 
 
 def _budget(max_tokens: int | None, max_batch: int, max_length: int) -> int:
-    return int(max_tokens) if max_tokens is not None else max_batch * _round_up(max_length, 8)
+    return int(max_tokens) if max_tokens is not None else max_batch * round_up(max_length, 8)
 
 
 def encode_texts(encoder: nn.Module, tokenizer, texts: Sequence[str], *, prefix: str = "",
@@ -406,26 +408,8 @@ def _world(rank: int | None, world: int | None) -> tuple[int, int]:
     return int(rank), int(world)
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, lambda fh: fh.write(json.dumps(obj, ensure_ascii=False).encode("utf-8")))
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _shard_done(folder: Path, rank: int, k: int, key: str, rows: range) -> bool:
-    meta = _read_json(folder / f"{shard_name(rank, k)}.json")
+    meta = read_json(folder / f"{shard_name(rank, k)}.json")
     if not meta or meta.get("key") != key or meta.get("rows") != [rows.start, rows.stop, rows.step]:
         return False
     try:
@@ -557,10 +541,10 @@ def encode_corpus(
                                     max_batch=max_batch, device=device, precision=precision, progress=bar)
             name = shard_name(rank, k)
             arr = emb.to(torch.float16).numpy()
-            _write_atomic(folder / f"{name}.npy", lambda fh, a=arr: np.save(fh, a))
-            _write_json(folder / f"{name}.json", {"key": key, "rank": rank, "shard": k,
-                                                  "rows": [rows.start, rows.stop, rows.step],
-                                                  "ids": [str(ids[i]) for i in rows]})
+            write_atomic(folder / f"{name}.npy", lambda fh, a=arr: np.save(fh, a))
+            write_json(folder / f"{name}.json", {"key": key, "rank": rank, "shard": k,
+                                                 "rows": [rows.start, rows.stop, rows.step],
+                                                 "ids": [str(ids[i]) for i in rows]}, indent=None, end="")
             written += 1
     dist = torch.distributed
     if barrier and world > 1 and dist.is_available() and dist.is_initialized() and dist.get_world_size() == world:
@@ -574,7 +558,7 @@ def encode_corpus(
 def _check_manifest(folder: Path, fingerprint: dict, layout: dict, key: str, rank: int, overwrite: bool) -> None:
     path = folder / MANIFEST
     manifest = {"format": FORMAT, "key": key, "fingerprint": fingerprint, "layout": layout, "dtype": "float16"}
-    old = _read_json(path)
+    old = read_json(path)
     if old is not None and old.get("key") != key:
         if not overwrite:
             differ = sorted({f for f in fingerprint if (old.get("fingerprint") or {}).get(f) != fingerprint[f]}
@@ -593,7 +577,8 @@ def _check_manifest(folder: Path, fingerprint: dict, layout: dict, key: str, ran
             if r == rank or (rank == 0 and r >= layout["world"]):
                 f.unlink(missing_ok=True)
     if old is None or old.get("key") != key:
-        _write_json(path, manifest)  # the same content on every rank: concurrent writes agree
+        # the same content on every rank: concurrent writes agree
+        write_json(path, manifest, indent=None, end="")
 
 
 def _complete(folder: Path, key: str) -> bool:
@@ -614,7 +599,7 @@ class EmbeddingShards:
 
     def __init__(self, path: str | Path, *, key: str | None = None):
         self.path = Path(path)
-        manifest = _read_json(self.path / MANIFEST)
+        manifest = read_json(self.path / MANIFEST)
         if manifest is None:
             raise DataError("no embedding manifest (not an encode_corpus folder, or not started)",
                             file=str(self.path / MANIFEST))
@@ -631,7 +616,7 @@ class EmbeddingShards:
         for r in range(layout["world"]):
             for k, shard in enumerate(shard_rows_of(n, r, layout["world"], layout["split"], layout["shard_rows"])):
                 name = shard_name(r, k)
-                meta = _read_json(self.path / f"{name}.json")
+                meta = read_json(self.path / f"{name}.json")
                 ok = bool(meta) and meta.get("key") == key and meta.get("rows") == [shard.start, shard.stop, shard.step]
                 if ok:
                     try:

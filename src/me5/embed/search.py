@@ -180,7 +180,8 @@ def exact_search(
 
 
 # ---------------------------------------------------------------------------------------------- faiss
-def _import_faiss():
+def import_faiss():
+    """The ``faiss`` module; its absence is a :class:`ConfigError` saying what to install."""
     try:
         import faiss
     except ImportError as err:
@@ -191,7 +192,7 @@ def _import_faiss():
 
 def faiss_gpu_available(faiss=None) -> bool:
     """Whether faiss was built with GPU support and sees a GPU, and torch sees a CUDA device."""
-    faiss = faiss or _import_faiss()
+    faiss = faiss or import_faiss()
     return bool(hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and torch.cuda.is_available())
 
 
@@ -235,7 +236,7 @@ def faiss_search(
     ordered within what it returns. ``use_gpu``: ``None`` puts the index on the GPU when faiss has GPU support
     and a CUDA device is present (``True`` requires it, ``False`` never).
     """
-    faiss = _import_faiss()
+    faiss = import_faiss()
     q = _as_numpy(queries_QD)
     n_q, n, dim = q.shape[0], _n_docs(docs_ND), _dim(docs_ND)
     k = min(int(k), n)

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from me5.data.readers import iter_jsonl, iter_parquet
+from me5.embed.encode import encode_texts
 from me5.embed.search import exact_search
 from me5.errors import ConfigError, DataError
 from me5.prompts import PromptPolicy, task_instruction
@@ -319,7 +320,7 @@ class BitextEvaluator:
     Args:
         data: a folder in mteb's published layout (see the module docstring) or pairs from :func:`load_bitext`.
         task: ``bucc`` or ``tatoeba`` (which pairs exist, and the default ``name``).
-        prompts: the model's :class:`~me5.prompts.PromptPolicy` (default: E5's); every sentence gets
+        prompts: the model's :class:`~me5.prompts.PromptPolicy` (required); every sentence gets
             ``prompts.query(TASKS["bitext"])``.
         languages: pairs in the task's forward naming (``de-en``, ``sqi-eng``); ``None``: all of the task's.
         split: the split's name in the layout (mteb evaluates ``test``).
@@ -332,7 +333,7 @@ class BitextEvaluator:
     columns average the pairs' scores).
     """
 
-    #: in a distributed job one rank evaluates (:func:`me5.app.pipeline.evaluate_all`): the sets are small
+    #: in a distributed job one rank evaluates (:func:`me5.eval.suite.evaluate_all`): the sets are small
     shares_ranks = False
 
     def __init__(
@@ -340,7 +341,7 @@ class BitextEvaluator:
         data: str | Path | Mapping[str, BitextPair],
         *,
         task: str = "bucc",
-        prompts: PromptPolicy | None = None,
+        prompts: PromptPolicy,
         languages: Sequence[str] | None = None,
         split: str = "test",
         direction: str = "forward",
@@ -353,7 +354,7 @@ class BitextEvaluator:
             raise ConfigError("eval.batch_size", f"need positive batch_size and max_length, got {batch_size}, {max_length}")
         self.task, self.direction, self.split = task, direction, split
         self.name = name or (task if direction == "forward" else f"{task}_{direction}")
-        self.prompts = prompts or PromptPolicy("e5")
+        self.prompts = prompts
         self.prefix = self.prompts.query(task_instruction("bitext"))
         self.batch_size, self.max_length = batch_size, max_length
         if isinstance(data, Mapping):
@@ -372,13 +373,13 @@ class BitextEvaluator:
             param = next(iter(encoder.parameters()), None) if hasattr(encoder, "parameters") else None
             device = param.device if param is not None else torch.device("cpu")
         common = {
-            "prefix": self.prefix, "max_length": self.max_length, "batch_size": self.batch_size,
+            "prefix": self.prefix, "max_length": self.max_length, "max_batch": self.batch_size,
             "device": device, "show_progress": show_progress,
         }
         per_pair: dict[str, dict[str, float]] = {}
         for pair_name, pair in self.data.items():
-            src = encoder.encode(pair.sources, tokenizer, desc=f"{self.name} {pair_name} sources", **common)
-            tgt = encoder.encode(pair.targets, tokenizer, desc=f"{self.name} {pair_name} targets", **common)
+            src = encode_texts(encoder, tokenizer, pair.sources, desc=f"{self.name} {pair_name} sources", **common)
+            tgt = encode_texts(encoder, tokenizer, pair.targets, desc=f"{self.name} {pair_name} targets", **common)
             per_pair[pair_name] = score_bitext(src, tgt, pair.gold, device=device)
         out = {f"{self.name}/{m}": _mean(v[m] for v in per_pair.values()) for m in METRICS}
         for pair_name, metrics in per_pair.items():

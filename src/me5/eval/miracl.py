@@ -48,6 +48,7 @@ import numpy as np
 
 from me5.data.readers import iter_jsonl
 from me5.errors import ConfigError, DataError
+from me5.jsonio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +163,6 @@ def _open_gzip_out(path: Path):
     """A gzip file for writing with a fixed header time (the same input gives the same bytes)."""
     raw = open(path, "wb")
     return gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0), raw
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False)
@@ -291,8 +286,8 @@ class _Language:
 
         stats = _stats(counts, missing, time.monotonic() - start)
         self._log(stats)
-        _write_json(self.marker, {"format": STATS_FORMAT, "lang": self.lang, "split": self.split,
-                                  "inputs": self.inputs(), "stats": stats})
+        write_json(self.marker, {"format": STATS_FORMAT, "lang": self.lang, "split": self.split,
+                                 "inputs": self.inputs(), "stats": stats})
         return stats
 
     def _write_corpus(self, path: Path, judged: set[str], counts: Counter, progress: bool) -> set[str]:
@@ -489,5 +484,5 @@ def convert_miracl(
         "languages": per_lang,
         "totals": _totals(per_lang),
     }
-    _write_json(out / STATS_FILE, result)
+    write_json(out / STATS_FILE, result)
     return result

@@ -43,23 +43,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from me5.embed.encode import encode_texts
 from me5.errors import ConfigError, DataError
 from me5.eval.paper import PAPER_MTEB_EN as _PAPER_MTEB_EN
 from me5.eval.paper import PAPER_MTEB_EN_BY_TYPE as _PAPER_MTEB_EN_BY_TYPE
 from me5.eval.paper import mteb_task_key
+from me5.models.encoder import model_max_length
+from me5.models.saved import load_model, read_saved_settings
 from me5.prompts import PromptPolicy
 
 try:
@@ -193,10 +193,11 @@ class Me5MtebEncoder(AbsEncoder):
     Args:
         encoder: the encoder (any pooling; its ``normalize`` flag is overridden per task type, see the module doc).
         tokenizer: its tokenizer.
-        prompts: the model's :class:`~me5.prompts.PromptPolicy` (``e5``, ``instruct`` or ``none``).
+        prompts: the model's :class:`~me5.prompts.PromptPolicy` (``e5``, ``instruct`` or ``none``; required).
         name: the model's name in mteb's results (``owner/name``).
         revision: the model's revision in mteb's results.
-        max_length: truncation in tokens (default: the model's own limit, as the export writes it; unilm uses 512).
+        max_length: truncation in tokens (default: the model's own limit, :func:`me5.models.encoder.model_max_length`,
+            as the export writes it; unilm uses 512).
         batch_size: encoding batch size.
         device: where to embed (default: where the encoder is).
         instructions: extra or overriding task definitions for the instruct policy, by mteb task name.
@@ -209,7 +210,7 @@ class Me5MtebEncoder(AbsEncoder):
         encoder,
         tokenizer,
         *,
-        prompts: PromptPolicy | str = "e5",
+        prompts: PromptPolicy | str,
         name: str = "me5/encoder",
         revision: str = "local",
         max_length: int | None = None,
@@ -218,8 +219,6 @@ class Me5MtebEncoder(AbsEncoder):
         instructions: Mapping[str, str] | None = None,
         asymmetric_reranking: bool = False,
     ):
-        from me5.export import model_max_length
-
         self.model = encoder
         self.encoder = encoder
         self.tokenizer = tokenizer
@@ -261,34 +260,22 @@ class Me5MtebEncoder(AbsEncoder):
     def from_pretrained(
         cls, path: str | os.PathLike, *, prompts: PromptPolicy | str | None = None, **kwargs
     ) -> Me5MtebEncoder:
-        """Load an exported me5 folder (:func:`me5.export.export_encoder`): pooling, normalisation, prompt policy and
-        maximum length from its ``me5.json`` (the mE5 defaults without one: mean pooling, E5 prompts); ``prompts``
-        overrides the saved policy."""
-        from me5.models.encoder import Encoder
-        from me5.models.tokenizer import load_tokenizer
-
+        """Load a saved model (an export of :func:`me5.export.export_encoder`, or any folder or hub id that
+        :func:`me5.models.saved.read_saved_settings` reads): pooling, normalisation, maximum length and the prompt
+        policy from its saved settings (``me5.json``; else its sentence-transformers files, else the mE5 defaults:
+        mean pooling, E5 prompts). ``prompts``: another policy; ``None`` (the default) is the saved model's own
+        policy, read from those settings."""
         folder = Path(path).expanduser()
-        cfg_file = folder / "me5.json"
-        cfg: dict[str, Any] = {}
-        if cfg_file.is_file():
-            try:
-                cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise ConfigError("model", f"{cfg_file}: malformed JSON ({err.msg} at line {err.lineno})") from err
-        elif folder.is_dir():
-            log.warning("%s has no me5.json: mean pooling and the E5 prompts (the mE5 defaults)", folder)
-        tokenizer = load_tokenizer(str(path))
-        encoder = Encoder.from_pretrained(
-            str(path), pooling=cfg.get("pooling", "mean"), normalize=bool(cfg.get("normalize", True)),
-            include_prompt=bool(cfg.get("include_prompt", True)), tokenizer=tokenizer,
-        ).eval()
-        if prompts is None:
-            prompts = PromptPolicy.from_dict(cfg.get("prompts") or {"style": "e5"})
-        kwargs.setdefault("max_length", cfg.get("max_seq_length"))
+        settings = read_saved_settings(path)
+        if folder.is_dir() and settings.source != "me5.json":
+            log.warning("%s has no me5.json: %s settings (%s pooling, %s prompts)", folder, settings.source,
+                        settings.pooling, settings.prompts.style)
+        encoder, tokenizer, _ = load_model(str(path), settings, kwargs.get("device") or "cpu")
+        kwargs.setdefault("max_length", settings.max_length)
         kwargs.setdefault("name", f"me5/{folder.name}" if folder.is_dir() else str(path))
-        if cfg_file.is_file():
-            kwargs.setdefault("revision", hashlib.sha1(cfg_file.read_bytes()).hexdigest()[:12])
-        return cls(encoder, tokenizer, prompts=prompts, **kwargs)
+        if settings.digest is not None:
+            kwargs.setdefault("revision", settings.digest)
+        return cls(encoder.eval(), tokenizer, prompts=settings.with_prompts(prompts).prompts, **kwargs)
 
     def with_prompts(self, prompts: PromptPolicy | str) -> Me5MtebEncoder:
         """The same encoder under another prompt policy."""
@@ -341,10 +328,10 @@ class Me5MtebEncoder(AbsEncoder):
             return np.zeros((0, self.encoder.dim), dtype=np.float32)
         prefix = self.prompt(task_metadata, prompt_type)
         with _pooled_only(self.encoder):
-            emb = self.encoder.encode(
-                texts, self.tokenizer, prefix=prefix, max_length=self.max_length, batch_size=self.batch_size,
-                device=self.device, show_progress=bool(kwargs.get("show_progress_bar", False)),
-                desc=f"{task_metadata.name} {hf_split}",
+            emb = encode_texts(
+                self.encoder, self.tokenizer, texts, prefix=prefix, max_length=self.max_length,
+                max_batch=self.batch_size, device=self.device,
+                show_progress=bool(kwargs.get("show_progress_bar", False)), desc=f"{task_metadata.name} {hf_split}",
             )
         if self.normalizes(task_metadata):
             emb = F.normalize(emb.float(), dim=-1)
@@ -416,7 +403,9 @@ def evaluate_mteb(
         model: a :class:`Me5MtebEncoder`, an exported me5 folder (:meth:`Me5MtebEncoder.from_pretrained`), or an
             ``(encoder, tokenizer)`` pair.
         tasks: mteb task names (e.g. :data:`PAPER_MTEB_EN`) and/or task objects.
-        prompts: the prompt policy (``None``: the model's own, from its ``me5.json`` or the wrapper).
+        prompts: the prompt policy. ``None`` means the model's own: a wrapper's policy, or for a folder the saved
+            one (:meth:`Me5MtebEncoder.from_pretrained` reads it); an ``(encoder, tokenizer)`` pair has no policy of
+            its own and needs one.
         cache_dir: the Hugging Face datasets cache to read the tasks' data from (default: the environment's,
             ``HF_DATASETS_CACHE`` / ``HF_HOME``).
         batch_size: encoding batch size.
@@ -570,7 +559,7 @@ class MtebEvaluator:
 
     Args:
         tasks: mteb task names; ``paper`` (the default): the 56 English tasks of the paper (:data:`PAPER_MTEB_EN`).
-        prompts: the run's prompt policy (bound by the app).
+        prompts: the run's prompt policy (required; bound by the app).
         batch_size, cache_dir, output_dir, offline: as :func:`evaluate_mteb`.
 
     ``check_data``: load (and drop) every task's data from the local cache when the evaluator is built -- minutes
@@ -578,15 +567,15 @@ class MtebEvaluator:
     """
 
     #: in a distributed job rank 0 runs MTEB alone and the others wait for its scores
-    #: (:func:`me5.app.pipeline.evaluate_all`): mteb's tasks do not split over ranks
+    #: (:func:`me5.eval.suite.evaluate_all`): mteb's tasks do not split over ranks
     shares_ranks = False
 
-    def __init__(self, tasks: str | Sequence[str] = "paper", *, prompts: PromptPolicy | None = None,
+    def __init__(self, tasks: str | Sequence[str] = "paper", *, prompts: PromptPolicy,
                  batch_size: int = 64, cache_dir: str | None = None, output_dir: str | None = None,
                  offline: bool = True, check_data: bool = False):
         names = list(PAPER_MTEB_EN) if tasks == "paper" else [tasks] if isinstance(tasks, str) else list(tasks)
         self.tasks = resolve_tasks(names)
-        self.prompts = prompts or PromptPolicy("e5")
+        self.prompts = prompts
         self.batch_size, self.cache_dir, self.output_dir, self.offline = int(batch_size), cache_dir, output_dir, offline
         if check_data and offline:
             with _hf_datasets(cache_dir, offline=True):
@@ -612,7 +601,9 @@ def _as_wrapper(model, prompts, batch_size: int) -> Me5MtebEncoder:
     elif isinstance(model, (str, os.PathLike)):
         wrapper = Me5MtebEncoder.from_pretrained(model, prompts=prompts)
     elif isinstance(model, tuple) and len(model) == 2:
-        wrapper = Me5MtebEncoder(model[0], model[1], prompts=prompts or "e5")
+        if prompts is None:
+            raise ConfigError("prompts", "an (encoder, tokenizer) pair has no prompt policy of its own: pass prompts=")
+        wrapper = Me5MtebEncoder(model[0], model[1], prompts=prompts)
     else:
         raise ConfigError("model", f"need an Me5MtebEncoder, an exported model folder or (encoder, tokenizer), "
                                    f"got {type(model).__name__}")

@@ -335,7 +335,7 @@ class RetrievalEvaluator:
         data: one dataset (searched as a whole; per-language metrics from the queries' ``lang``) or
             {lang: dataset} (each searched in its own corpus).
         name: prefix of the metric keys (``{name}/ndcg@10``, ``{name}/{lang}/ndcg@10``).
-        prompts: the model's :class:`~me5.prompts.PromptPolicy` (default: E5's ``query: `` / ``passage: ``).
+        prompts: the model's :class:`~me5.prompts.PromptPolicy` (required; E5's: ``query: `` / ``passage: ``).
         task: the task's name in :data:`me5.prompts.TASKS` (its instruction, for the instruct policy).
         symmetric: documents are the same kind of text as queries (both get the query prompt; e.g. Quora).
         query_max_length, passage_max_length: truncation in tokens (512: the recipe's protocol; configs may
@@ -365,7 +365,7 @@ class RetrievalEvaluator:
         data: RetrievalData | Mapping[str, RetrievalData],
         *,
         name: str = "sample",
-        prompts: PromptPolicy | None = None,
+        prompts: PromptPolicy,
         task: str = "generic",
         symmetric: bool = False,
         query_max_length: int = 512,
@@ -390,7 +390,7 @@ class RetrievalEvaluator:
         if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
             raise ConfigError("eval.batch_size", f"need positive sizes, got {batch_size} rows, {max_tokens} tokens")
         self.name = name
-        self.prompts = prompts or PromptPolicy("e5")
+        self.prompts = prompts
         self.task = task
         self.query_prefix, self.passage_prefix = self.prompts.pair(task_instruction(task), symmetric=symmetric)
         self.query_max_length, self.passage_max_length = query_max_length, passage_max_length

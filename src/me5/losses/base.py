@@ -105,23 +105,22 @@ class WeightedLoss(nn.Module):
     (logged as ``train/loss/<name>``).
     """
 
-    def __init__(self, terms: Mapping[str, LossTerm], weights: Mapping[str, float]):
+    def __init__(self, terms: Mapping[str, LossTerm], weights: Mapping[str, float], *, where: str = "loss_weights"):
+        """``where``: the config node the weights live in (``stages.<stage>.loss_weights``), for messages."""
         super().__init__()
         if not terms:
             raise ConfigError("loss.terms", "no loss terms are configured; add at least one (e.g. infonce)")
         for name in weights:
             if name not in terms:
-                raise ConfigError(
-                    f"loss.terms.{name}.weight", f"no loss term named '{name}'; the terms are {sorted(terms)}"
-                )
+                raise ConfigError(f"{where}.{name}", f"no loss term named '{name}'; the terms are {sorted(terms)}")
         for name in terms:
             if name not in weights:
-                raise ConfigError(f"loss.terms.{name}.weight", "missing: every loss term needs a weight")
+                raise ConfigError(f"{where}.{name}", "missing: every loss term needs a weight")
             w = float(weights[name])
             if not math.isfinite(w) or w < 0:
-                raise ConfigError(f"loss.terms.{name}.weight", f"must be finite and >= 0, got {weights[name]}")
+                raise ConfigError(f"{where}.{name}", f"must be finite and >= 0, got {weights[name]}")
         if all(float(w) == 0 for w in weights.values()):
-            raise ConfigError("loss.terms", f"every loss weight is 0 ({dict(weights)}); nothing would be trained")
+            raise ConfigError(where, f"every loss weight is 0 ({dict(weights)}); nothing would be trained")
         self.terms = nn.ModuleDict(dict(terms))
         self.weights = {name: float(weights[name]) for name in terms}
 

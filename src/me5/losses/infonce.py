@@ -98,20 +98,20 @@ class InfoNCE(LossTerm):
         super().__init__()
         if not isinstance(mask_hard_negatives, bool):
             raise ConfigError(
-                "loss.terms.infonce.term.mask_hard_negatives",
+                "loss.terms.infonce.mask_hard_negatives",
                 f"must be true or false, got {mask_hard_negatives!r}",
             )
         self.mask_hard_negatives = mask_hard_negatives
         if not (math.isfinite(temperature) and temperature > 0):
-            raise ConfigError("loss.terms.infonce.term.temperature", f"must be finite and > 0, got {temperature}")
+            raise ConfigError("loss.terms.infonce.temperature", f"must be finite and > 0, got {temperature}")
         if not (math.isfinite(max_scale) and max_scale > 0):
-            raise ConfigError("loss.terms.infonce.term.max_scale", f"must be finite and > 0, got {max_scale}")
+            raise ConfigError("loss.terms.infonce.max_scale", f"must be finite and > 0, got {max_scale}")
         self.learnable_temperature = bool(learnable_temperature)
         self.max_scale = float(max_scale)
         if self.learnable_temperature:
             if 1.0 / temperature > max_scale * (1 + 1e-6):
                 raise ConfigError(
-                    "loss.terms.infonce.term.temperature",
+                    "loss.terms.infonce.temperature",
                     f"1/temperature = {1.0 / temperature:g} exceeds max_scale = {max_scale:g}; "
                     "raise max_scale or the temperature",
                 )

@@ -53,7 +53,7 @@ class KLDistillation(LossTerm):
         super().__init__()
         for field, value in (("temperature", temperature), ("teacher_temperature", teacher_temperature)):
             if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"loss.terms.kd.term.{field}", f"must be finite and > 0, got {value}")
+                raise ConfigError(f"loss.terms.kd.{field}", f"must be finite and > 0, got {value}")
         self.temperature = float(temperature)
         self.teacher_temperature = float(teacher_temperature)
 

@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,17 +18,17 @@ from torch import Tensor, nn
 
 from me5.errors import ConfigError
 from me5.models.packing import PackedBatch, pack_padded, position_offset
-from me5.models.pooling import POOLERS, mean_pool, without_prompt
+from me5.models.pooling import POOLER_MODEL_TYPES, POOLERS, mean_pool, without_prompt
 
 log = logging.getLogger(__name__)
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-# model types whose ``AutoModel`` has a pooler head (``pooler.dense``: Linear(D, D) + tanh) unless built with
-# ``add_pooling_layer=False``; me5 never uses it (it pools ``last_hidden_state``), see Encoder.pooler_state
-POOLER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
 _POOLER_KEY = re.compile(r"(^|\.)pooler\.dense\.(weight|bias)$")
 PACKED_ATTENTION_DROPOUT = ("keep", "off")
+# model types whose position ids start after the padding index (usable length = max_position_embeddings - pad - 1)
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"}
+_FALLBACK_MAX_LENGTH = 512  # neither the tokenizer nor the config says
 
 
 def flash_attention_available() -> bool:
@@ -128,7 +127,7 @@ class Encoder(nn.Module):
             self._use_packed_attention()
         # The checkpoint's pooler head (``pooler.dense.weight``/``.bias`` on the CPU) when from_pretrained found one,
         # else None. A plain attribute, not a module or parameter: DDP, optimisers and Lightning checkpoints never
-        # see it; only the export writes it back (me5.export), so that ``AutoModel`` finds every weight.
+        # see it; only the export writes it back (``export_encoder``), so that ``AutoModel`` finds every weight.
         self.pooler_state: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -236,14 +235,14 @@ class Encoder(nn.Module):
         """A randomly initialised backbone of any shape, no download and no tokenizer.
 
         ``config``: a ``transformers`` config, or a dict with ``model_type`` and the config fields (e.g. the
-        real XLM-R-large dimensions for a benchmark, :mod:`me5.app.bench`).
+        real XLM-R-large dimensions for a benchmark, :mod:`benchmarks.train_step`).
         """
         from transformers import AutoConfig, AutoModel
 
         if isinstance(config, dict):
             fields = dict(config)
             config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        kwargs = {"add_pooling_layer": False} if config.model_type in {"xlm-roberta", "bert", "roberta"} else {}
+        kwargs = {"add_pooling_layer": False} if config.model_type in POOLER_MODEL_TYPES else {}
         backbone = AutoModel.from_config(
             config, attn_implementation=resolve_attn_implementation(attn_implementation, packed=packed), **kwargs
         )
@@ -349,40 +348,29 @@ class Encoder(nn.Module):
         pooled_ND = pooled_ND.float()
         return F.normalize(pooled_ND, dim=-1) if self.normalize else pooled_ND
 
-    def encode(
-        self,
-        texts: Sequence[str],
-        tokenizer,
-        *,
-        prefix: str = "",
-        max_length: int = 512,
-        batch_size: int = 64,
-        precision: str = "fp16",
-        device: torch.device | str | None = None,
-        show_progress: bool = False,
-        desc: str = "encode",
-    ) -> Tensor:
-        """Embed raw texts (``prefix`` put in front of each) in eval mode; returns a CPU float tensor (N, D).
 
-        The shared embed core (:func:`me5.embed.encode.encode_texts`): length-sorted batches of at most
-        ``batch_size`` rows of ``max_length`` tokens, ``precision`` autocast on CUDA (fp32 on the CPU), pooling
-        without the prompt when ``include_prompt`` is False. Evaluation (retrieval, bitext, MTEB), mining and the
-        consistency filter all embed through it.
-        """
-        from me5.embed.encode import encode_texts
+def model_max_length(config, tokenizer) -> int:
+    """The model's own input limit: min(``tokenizer.model_max_length`` when set, the usable positions).
 
-        return encode_texts(self, tokenizer, list(texts), prefix=prefix, max_length=max_length, max_batch=batch_size,
-                            precision=precision, device=device, show_progress=show_progress, desc=desc)
+    512 for the XLM-R family (514 position embeddings less the padding offset). A tokenizer without a limit
+    has ``model_max_length`` ~1e30; with no limit from either side, 512.
+    """
+    limits = [position_limit(config)]
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 1_000_000:
+        limits.append(tok_limit)
+    limits = [n for n in limits if n is not None]
+    return min(limits) if limits else _FALLBACK_MAX_LENGTH
 
-    # ------------------------------------------------------------------ export
-    def save_pretrained(self, out_dir: str | Path, tokenizer, **kwargs) -> Path:
-        """Write a folder loadable by ``transformers.AutoModel`` and ``sentence_transformers.SentenceTransformer``.
 
-        See :func:`me5.export.export_encoder` for the keyword arguments (prefixes, max length).
-        """
-        from me5.export import export_encoder
-
-        return export_encoder(self, tokenizer, out_dir, **kwargs)
+def position_limit(config) -> int | None:
+    """How many tokens the position embeddings take (None: no absolute positions in the config)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    if config.model_type in _OFFSET_POSITIONS:
+        limit -= (config.pad_token_id or 0) + 1
+    return int(limit)
 
 
 def _checkpoint_has_pooler(name_or_path: str) -> bool:

@@ -50,3 +50,8 @@ def without_prompt(mask_BT: Tensor, prompt_length: Tensor | int) -> Tensor:
 
 
 POOLERS = {"mean": mean_pool, "cls": cls_pool, "last": last_token_pool}
+
+# model types whose ``AutoModel`` has a pooler head (``pooler.dense``: Linear(D, D) + tanh) unless built with
+# ``add_pooling_layer=False``. me5 never uses it (it pools ``last_hidden_state`` with :data:`POOLERS`): the
+# encoder loads without it (``Encoder.pooler_state``) and the export writes it back (``export_encoder``).
+POOLER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})

@@ -240,12 +240,19 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, model_max_length: int | N
     return tok
 
 
+def _sample_records(path: Path) -> Iterator[dict]:
+    """The records of one of the generated sample files (``me5.data.synthetic`` writes them: one JSON object per
+    line); read here without the data room, which the models room does not reach."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
 def _sample_texts(data_dir: Path) -> Iterator[str]:
     """Every training text of the sample data, with the E5 prefixes the collator will add."""
-    from me5.data.readers import iter_jsonl
-
     for name in ("pretrain.jsonl", "finetune.jsonl"):
-        for _, rec in iter_jsonl(data_dir / name):
+        for rec in _sample_records(data_dir / name):
             yield E5_PREFIXES[0] + rec["query"]
             yield E5_PREFIXES[1] + rec["positive"]
             for neg in rec.get("negatives") or ():
@@ -318,12 +325,8 @@ def _script_samples(data_dir: Path) -> list[str]:
     texts = list(SCRIPT_SAMPLES.values())
     eval_dir = data_dir / "eval"
     if (eval_dir / "queries.jsonl").is_file() and (eval_dir / "corpus.jsonl").is_file():
-        from me5.data.readers import iter_jsonl
-
-        texts += [E5_PREFIXES[0] + r["text"] for _, r in iter_jsonl(eval_dir / "queries.jsonl")]
-        texts += [
-            E5_PREFIXES[1] + r["title"] + " " + r["text"] for _, r in iter_jsonl(eval_dir / "corpus.jsonl")
-        ]
+        texts += [E5_PREFIXES[0] + r["text"] for r in _sample_records(eval_dir / "queries.jsonl")]
+        texts += [E5_PREFIXES[1] + r["title"] + " " + r["text"] for r in _sample_records(eval_dir / "corpus.jsonl")]
     return texts
 
 

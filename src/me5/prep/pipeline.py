@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,7 +43,8 @@ class ConsistencyOptions:
         model: an exported me5 folder or any ``Encoder.from_pretrained`` path.
         pool: passages sampled per source (the smallest seeded hashes of its distinct positives).
         top_k: a pair is kept when its positive ranks in the top ``top_k`` among itself and the pool.
-        prompt_style: the prompt style the model was trained with (``me5.prompts.STYLES``).
+        prompt_style: the model's prompt style (``me5.prompts.STYLES``); ``None``: its own saved policy
+            (:func:`me5.mining.consistency.model_policy`), read once by :func:`run_prep`.
         max_length / max_batch / max_tokens / precision / packed: the embed core's settings
             (:func:`me5.embed.encode.encode_corpus`: fp16 autocast on CUDA; ``packed`` builds the encoder with
             ``packed=True``, padding-free rows).
@@ -56,7 +57,7 @@ class ConsistencyOptions:
     model: str
     pool: int = 100_000
     top_k: int = 2
-    prompt_style: str = "e5"
+    prompt_style: str | None = None
     max_length: int = 128
     max_batch: int = 256
     max_tokens: int | None = None
@@ -79,7 +80,7 @@ class ConsistencyOptions:
         for name in ("pool", "top_k", "max_length", "max_batch", "shard_rows", "chunk_rows"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"prepare.consistency_{name}", f"must be >= 1, got {getattr(self, name)}")
-        if self.prompt_style not in STYLES:
+        if self.prompt_style is not None and self.prompt_style not in STYLES:
             raise ConfigError("prepare.prompt_style", f"unknown prompt style '{self.prompt_style}'; choose one of "
                                                       f"{list(STYLES)}")
         if self.search not in ("faiss", "exact"):
@@ -308,6 +309,23 @@ def build_executors(plan: Plan):
     return executors
 
 
+def consistency_prompt_style(options: ConsistencyOptions, scorer=None) -> str:
+    """The prompt style of the consistency model's prefixes: ``options.prompt_style`` when given, else the model's
+    own saved policy (:func:`me5.mining.consistency.model_policy`). A scorer given as an
+    :data:`~me5.data.consistency.Embedder` prompts by itself (the prefixes are not passed to it): ``none``; a
+    scorer object needs ``prompt_style`` (the prefixes it is given)."""
+    if options.prompt_style is not None:
+        return options.prompt_style
+    if scorer is not None and not hasattr(scorer, "embed"):
+        return "none"
+    if scorer is not None:
+        raise ConfigError("prepare.prompt_style", "a scorer object given in place of the model needs the prompt "
+                                                  "style of its prefixes")
+    from me5.mining.consistency import model_policy
+
+    return model_policy(options.model).style
+
+
 def run_prep(sources: Mapping[str, Source], out_dir: str | os.PathLike, options: PrepOptions | None = None, *,
              scorer=None) -> dict[str, dict]:
     """Prepare ``sources`` into ``out_dir/<name>/`` with the pipeline; returns ``{name: stats}`` (as
@@ -315,13 +333,16 @@ def run_prep(sources: Mapping[str, Source], out_dir: str | os.PathLike, options:
     and ``{}`` is returned (the ``merge`` job writes the stats).
 
     ``scorer`` (optional, tests and small runs): the consistency filter's scorer instead of
-    ``options.consistency.model`` (an :data:`~me5.embed.consistency.Embedder`, or any object with
-    ``embed(texts, kind, folder)``).
+    ``options.consistency.model`` (an :data:`~me5.data.consistency.Embedder`, or any object with
+    ``embed(texts, kind, folder, prefix)``). The prompt style is read here, once (:func:`consistency_prompt_style`).
     """
     opts = options or PrepOptions()
     opts.check()
     if scorer is not None and opts.consistency is None:
         raise ConfigError("prepare.consistency", "a scorer needs the consistency options (pool, top_k)")
+    if opts.consistency is not None and opts.consistency.prompt_style is None:
+        style = consistency_prompt_style(opts.consistency, scorer)
+        opts = replace(opts, consistency=replace(opts.consistency, prompt_style=style))
     plan = make_plan(sources, out_dir, opts)
     for src in sources.values():
         src.check()

@@ -188,8 +188,8 @@ def sample_pool(plan: Plan, source: str) -> None:
 
 def scorer_of(plan: Plan):
     """The plan's scorer: the one given to :func:`~me5.prep.pipeline.run_prep`, else a
-    :class:`~me5.embed.consistency.ModelScorer` of ``opts.consistency.model``."""
-    from me5.embed.consistency import CallableScorer, ModelScorer
+    :class:`~me5.mining.consistency.ModelScorer` of ``opts.consistency.model``."""
+    from me5.mining.consistency import CallableScorer, ModelScorer
 
     s = plan.scorer
     if s is None:
@@ -248,7 +248,7 @@ def write_bucket(plan: Plan, bucket: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from me5.data.shards import _write_shard
+    from me5.data.shards import write_shard
 
     marker = plan.bucket_stats(bucket)
     state = read_json(marker)
@@ -291,8 +291,8 @@ def write_bucket(plan: Plan, bucket: int) -> dict:
         for k, s in enumerate(range(0, len(rows), opts.shard_rows)):
             chunk = rows[s: s + opts.shard_rows]
             examples = _examples(table.take(pa.array(chunk)))
-            meta = _write_shard(folder / f"part-{bucket:05d}-{k:05d}.parquet", examples, opts.row_group_rows,
-                                seed=(opts.seed, bucket, k), split_langs=opts.split_langs)
+            meta = write_shard(folder / f"part-{bucket:05d}-{k:05d}.parquet", examples, opts.row_group_rows,
+                               seed=(opts.seed, bucket, k), split_langs=opts.split_langs)
             for lang, n in Counter(e.lang for e in examples).items():
                 count(name, lang, "kept", n)
             out[name]["shards"].append(meta)
@@ -305,7 +305,7 @@ def write_bucket(plan: Plan, bucket: int) -> dict:
 
 def _consistent(plan: Plan, bucket: int, name: str, table, rows: np.ndarray, dropped) -> np.ndarray:
     """The rows of ``rows`` (one source's, in a bucket) whose positive ranks in the top ``top_k`` of the pool."""
-    from me5.embed.consistency import pool_ranks
+    from me5.mining.consistency import pool_ranks
     from me5.prompts import PromptPolicy
 
     c = plan.opts.consistency

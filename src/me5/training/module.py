@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from me5.batching import BatchPlan
 from me5.distributed import (
     all_reduce_gradients,
     clip_grad_norm_,
@@ -73,8 +74,9 @@ class EmbeddingModule(L.LightningModule):
         scheduler: ``functools.partial`` taking the optimiser (``me5.training.schedules.warmup_decay``) or None;
             under a Trainer it also gets ``total_steps`` = the Trainer's ``max_steps``, so the schedule spans
             the stage.
-        chunk_rows / chunk_tokens: gradient caching chunk size in texts or in padded tokens; ``None`` for both
-            runs one plain forward/backward over the whole per-device batch.
+        batch_plan: the stage's :class:`~me5.batching.BatchPlan` (the one the DataModule draws by): its
+            ``chunk_rows`` / ``chunk_tokens`` set gradient caching (texts, or padded tokens, per chunk; neither,
+            or no plan: one plain forward/backward over the whole per-device batch).
         sort_by_length: with gradient caching, bucket texts of similar length into the same chunk (less padding;
             same loss and gradient, other dropout draws). Off by default.
         compile_encoder: ``torch.compile`` the backbone in place (``dynamic=True``: chunk shapes vary; the state
@@ -98,8 +100,7 @@ class EmbeddingModule(L.LightningModule):
         *,
         optimizer: Callable,
         scheduler: Callable | None = None,
-        chunk_rows: int | None = None,
-        chunk_tokens: int | None = None,
+        batch_plan: BatchPlan | None = None,
         sort_by_length: bool = False,
         compile_encoder: bool = False,
         fused_optimizer: bool = False,
@@ -115,10 +116,9 @@ class EmbeddingModule(L.LightningModule):
         self.loss = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        if chunk_rows is not None and chunk_tokens is not None:
-            raise ValueError("set chunk_rows or chunk_tokens, not both (me5.batching.BatchPlan checks the config)")
-        self.chunk_rows = chunk_rows
-        self.chunk_tokens = chunk_tokens
+        self.batch_plan = batch_plan
+        self.chunk_rows = batch_plan.chunk_rows if batch_plan is not None else None
+        self.chunk_tokens = batch_plan.chunk_tokens if batch_plan is not None else None
         self.sort_by_length = bool(sort_by_length)
         self.compile_encoder = bool(compile_encoder)
         self.fused_optimizer = bool(fused_optimizer)
@@ -133,7 +133,7 @@ class EmbeddingModule(L.LightningModule):
         self._seen = {"pairs": 0, "truncated_queries": 0, "truncated_passages": 0}
         # built objects are not hyperparameters; the app stores the resolved config in the checkpoint
         self.save_hyperparameters(
-            ignore=["encoder", "loss", "optimizer", "scheduler", "tokenizer", "evaluators"], logger=False
+            ignore=["encoder", "loss", "optimizer", "scheduler", "tokenizer", "evaluators", "batch_plan"], logger=False
         )
 
     # ------------------------------------------------------------------ optimisation

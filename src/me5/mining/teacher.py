@@ -15,7 +15,7 @@ scores come back in input order, whatever the batching.
 
 :func:`score_records` writes each record's scores (``teacher_scores``: the positive first, then its negatives,
 as :class:`~me5.data.schema.PairExample` says) into shards of the prepared layout, resumable and shared out over
-processes exactly as :func:`me5.embed.mine.mine` writes its shards (:class:`~me5.embed.mine.ShardedOutput`;
+processes exactly as :func:`me5.mining.mine.mine` writes its shards (:class:`~me5.mining.output.ShardedOutput`;
 ``score_stats.json`` beside ``shards.json``).
 """
 
@@ -36,13 +36,14 @@ import torch
 from me5.data.schema import PairExample
 from me5.embed.encode import (
     PRECISIONS,
-    _round_up,
     effective_precision,
     model_digest,
     plan_batches,
+    round_up,
     tokenizer_digest,
 )
-from me5.embed.mine import (
+from me5.errors import ConfigError
+from me5.mining.output import (
     FORMAT,
     JobResult,
     ShardedOutput,
@@ -51,7 +52,6 @@ from me5.embed.mine import (
     resolve_world,
     run_digest,
 )
-from me5.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class CrossEncoderScorer:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.max_batch = int(max_batch)
-        self.max_tokens = int(max_tokens) if max_tokens is not None else self.max_batch * _round_up(self.max_length, 8)
+        self.max_tokens = int(max_tokens) if max_tokens is not None else self.max_batch * round_up(self.max_length, 8)
         self.precision = effective_precision(precision, self.device)
         # segment ids go in when the tokenizer makes them by default (BERT-style cross-encoders), as HF pipelines
         # and sentence-transformers do; XLM-R rerankers (bge-reranker) have none
@@ -157,7 +157,7 @@ class CrossEncoderScorer:
                 ids = enc["input_ids"]
                 types = enc.get("token_type_ids") if self._types else None
                 for batch in plan_batches([len(r) for r in ids], max_tokens=self.max_tokens, max_batch=self.max_batch):
-                    width = _round_up(len(ids[batch[0]]), 8)
+                    width = round_up(len(ids[batch[0]]), 8)
                     x = torch.full((len(batch), width), pad_id, dtype=torch.long)
                     mask = torch.zeros((len(batch), width), dtype=torch.long)
                     tt = torch.zeros((len(batch), width), dtype=torch.long) if types is not None else None

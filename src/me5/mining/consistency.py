@@ -1,79 +1,86 @@
 """The consistency filter of the English E5 recipe (arXiv 2212.03533): keep a pair only when an existing model
-ranks its positive near the top among a pool of other passages.
+ranks its positive near the top among a pool of other passages. This is its model half; the filter itself
+(:class:`~me5.data.consistency.ConsistencyFilter`, the pool and the top-k keep) is in :mod:`me5.data.consistency`.
 
-The scorer is an :data:`Embedder`; :func:`model_embedder` builds one from a saved model, with the prompts of
-the :class:`~me5.prompts.PromptPolicy` the model was trained with. ``me5.prepare --consistency-model`` runs it.
+The scorer is an :data:`~me5.data.consistency.Embedder`; :func:`model_embedder` builds one from a saved model, with
+the prompts of the :class:`~me5.prompts.PromptPolicy` the model was trained with (:func:`model_policy`: its own
+saved policy, unless the caller overrides it). ``me5.prepare --engine inline --consistency-model`` runs it through
+:func:`source_embedders` (what :func:`me5.data.shards.prepare` is given: one embedder per source).
 
 At scale (``me5.prep``, the pipeline of ``me5.prepare``): :class:`ModelScorer` embeds through the embed core
 (sharded, fp16, resumable, packed rows with ``packed=True``) and :func:`pool_ranks` ranks each positive against a
-sampled pool with one FAISS top-``(k + 1)`` search; the same ranks as :class:`ConsistencyFilter`'s brute force
-(tested against a NumPy reference).
+sampled pool with one FAISS top-``(k + 1)`` search; the same ranks as
+:class:`~me5.data.consistency.ConsistencyFilter`'s brute force (tested against a NumPy reference).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from me5.data.consistency import Embedder
+from me5.errors import ConfigError
 from me5.prompts import PromptPolicy
 
-Embedder = Callable[[Sequence[str], str], np.ndarray]  # (texts, "query" | "passage") -> (N, D) scores by dot
+if TYPE_CHECKING:
+    from me5.data.shards import PrepareOptions
+    from me5.data.source import Source
+
+
+def model_policy(path: str) -> PromptPolicy:
+    """The prompt policy a saved model was trained with: its ``me5.json``, else the prompts of its
+    sentence-transformers files (:func:`me5.models.saved.read_saved_settings`, as ``me5.evaluate`` reads it)."""
+    from me5.models.saved import read_saved_settings
+
+    return read_saved_settings(path).prompts
 
 
 def model_embedder(path: str, *, prompts: PromptPolicy, instruction: str | None = None, symmetric: bool = False,
                    device: str | None = None, max_length: int = 128, batch_size: int = 256) -> Embedder:
     """An :data:`Embedder` from an exported me5 folder or any ``Encoder.from_pretrained`` path.
 
-    The model is read as ``me5.evaluate`` reads it (:func:`me5.models.saved.read_model_settings`: pooling,
+    The model is read as ``me5.evaluate`` reads it (:func:`me5.models.saved.read_saved_settings`: pooling,
     normalisation and ``include_prompt`` from its ``me5.json`` or sentence-transformers files). Queries get
     ``prompts.query(instruction)``, passages ``prompts.document(instruction, symmetric=symmetric)`` (the source's
     task: its instruction, and whether both sides are the same kind of text).
     """
-    from me5.models.saved import load_model, read_model_settings
+    from me5.embed.encode import encode_texts
+    from me5.models.saved import load_model, read_saved_settings
 
     query_prompt = prompts.query(instruction)
     passage_prompt = prompts.document(instruction, symmetric=symmetric)
-    encoder, tokenizer, device = load_model(path, read_model_settings(path), device)
+    encoder, tokenizer, device = load_model(path, read_saved_settings(path), device)
 
     def embed(texts: Sequence[str], kind: str) -> np.ndarray:
         prefix = query_prompt if kind == "query" else passage_prompt
-        return encoder.encode(list(texts), tokenizer, prefix=prefix, max_length=max_length, batch_size=batch_size,
-                              device=device).numpy()
+        return encode_texts(encoder, tokenizer, list(texts), prefix=prefix, max_length=max_length,
+                            max_batch=batch_size, device=device).numpy()
 
     return embed
 
 
-class ConsistencyFilter:
-    """Keeps a pair when its positive ranks in the top ``top_k`` among itself and a pool of passages.
+def source_embedders(options: PrepareOptions) -> tuple[PrepareOptions, Callable[[Source], Embedder]]:
+    """What :func:`me5.data.shards.prepare` needs for ``options.consistency_model``: the options with the model's
+    prompt style (``options.prompt_style``, else the model's own saved policy, :func:`model_policy`), and a factory
+    of each source's :data:`Embedder` (:func:`model_embedder` with the source's instruction and symmetry, the model
+    loaded when ``prepare`` reaches that source)."""
+    options.check()
+    path = options.consistency_model
+    if path is None:
+        raise ConfigError("prepare.consistency_model", "no consistency model to build the embedders from")
+    if options.prompt_style is None:
+        options = replace(options, prompt_style=model_policy(path).style)
+    policy = PromptPolicy(options.prompt_style)
 
-    Rank = 1 + the number of pool passages that score strictly higher than the positive for the query.
-    """
+    def embedder_for(source: Source) -> Embedder:
+        return model_embedder(path, prompts=policy, instruction=source.instruction, symmetric=bool(source.symmetric),
+                              device=options.device, max_length=options.consistency_max_length,
+                              batch_size=options.consistency_batch_size)
 
-    def __init__(self, embed: Embedder, pool_texts: Sequence[str], *, top_k: int = 2, batch_size: int = 256,
-                 pool_embeddings: np.ndarray | None = None):
-        self.embed, self.top_k, self.batch_size = embed, top_k, batch_size
-        self.pool_texts = list(pool_texts)
-        if pool_embeddings is None:
-            pool_embeddings = np.concatenate([
-                np.asarray(embed(self.pool_texts[i: i + batch_size], "passage"), dtype=np.float32)
-                for i in range(0, len(self.pool_texts), batch_size)]) if self.pool_texts else np.zeros((0, 1), np.float32)
-        self.pool = np.asarray(pool_embeddings, dtype=np.float32)
-
-    def ranks(self, queries: Sequence[str], positives: Sequence[str]) -> np.ndarray:
-        out = []
-        for i in range(0, len(queries), self.batch_size):
-            q = np.asarray(self.embed(queries[i: i + self.batch_size], "query"), dtype=np.float32)
-            p = np.asarray(self.embed(positives[i: i + self.batch_size], "passage"), dtype=np.float32)
-            s_pos = (q * p).sum(axis=1)
-            higher = np.zeros(len(q), dtype=np.int64)
-            for j in range(0, len(self.pool), 65536):
-                higher += (q @ self.pool[j: j + 65536].T > s_pos[:, None]).sum(axis=1)
-            out.append(1 + higher)
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-    def keep(self, queries: Sequence[str], positives: Sequence[str]) -> np.ndarray:
-        return self.ranks(queries, positives) <= self.top_k
+    return options, embedder_for
 
 
 # ============================================================================================== at scale
@@ -83,7 +90,8 @@ def pool_ranks(queries_QD, positives_QD, pool_ND, *, top_k: int, pos_keys=None, 
     ``rank <= top_k``), from embeddings, by a top-``(top_k + 1)`` search of the pool
     (:func:`me5.embed.search.search`: FAISS ``IndexFlatIP``, exact; on the GPU where faiss has one).
 
-    Rank = 1 + the pool passages that score strictly higher than the positive (as :class:`ConsistencyFilter`).
+    Rank = 1 + the pool passages that score strictly higher than the positive (as
+    :class:`~me5.data.consistency.ConsistencyFilter`).
     ``pos_keys`` / ``pool_keys`` (optional, ``uint64``: a hash of each text): a pool passage with the text of the
     pair's own positive is not counted, whatever its score: its embedding, computed in another batch (fp16), may
     differ from the positive's in the last bits, and the same text is never "another passage". The pool holds
@@ -129,7 +137,7 @@ class ModelScorer:
     (:func:`me5.embed.encode.encode_corpus`: length-sorted token-budget batches, fp16 autocast on CUDA, packed rows
     with ``packed=True``, fp16 shards in ``folder`` that a killed run resumes from).
 
-    The model is read as ``me5.evaluate`` reads it (:func:`me5.models.saved.read_model_settings`), loaded on first
+    The model is read as ``me5.evaluate`` reads it (:func:`me5.models.saved.read_saved_settings`), loaded on first
     use in the process that embeds (the scorer itself is a small picklable object: pipeline tasks get a copy).
     """
 
@@ -147,13 +155,13 @@ class ModelScorer:
             import torch
 
             from me5.models.encoder import Encoder
-            from me5.models.saved import read_model_settings
+            from me5.models.saved import read_saved_settings
             from me5.models.tokenizer import load_tokenizer
 
-            settings = read_model_settings(self.path)
+            settings = read_saved_settings(self.path)
             tokenizer = load_tokenizer(self.path)
-            encoder = Encoder.from_pretrained(self.path, pooling=settings["pooling"], normalize=settings["normalize"],
-                                              include_prompt=settings.get("include_prompt", True), tokenizer=tokenizer,
+            encoder = Encoder.from_pretrained(self.path, pooling=settings.pooling, normalize=settings.normalize,
+                                              include_prompt=settings.include_prompt, tokenizer=tokenizer,
                                               packed=self.packed)
             dev = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             self._model = (encoder.to(dev), tokenizer, dev)

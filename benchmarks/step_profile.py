@@ -1,4 +1,4 @@
-"""Where a GradCache step's time goes: host syncs, ops per chunk and a profiled step (``me5.app.bench``).
+"""Where a GradCache step's time goes: host syncs, ops per chunk and a profiled step (``benchmarks.train_step``).
 
 Two instruments for issue 19 (our 32k step at 0.70x sentence-transformers on an H200):
 
@@ -12,7 +12,7 @@ Two instruments for issue 19 (our 32k step at 0.70x sentence-transformers on an 
   ranges (:data:`CHUNK_RANGES`; sentence-transformers' mini-batches are labelled by :func:`label_st_chunks`).
   On a CPU the device columns are empty and the top ops are by self CPU time.
 
-Library code: no Hydra, no W&B; the CLI is ``python -m me5.app.bench --profile`` / ``--host-cost``.
+No Hydra, no W&B; the CLI is ``python -m benchmarks.train_step --profile`` / ``--host-cost``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _call_site() -> str:
     """``file:line function`` of the innermost frame outside torch and this module (who asked for the sync)."""
     for frame in reversed(traceback.extract_stack()[:-2]):
         path = frame.filename.replace("\\", "/")
-        if "/torch/" in path or path.endswith("bench_profile.py") or "/contextlib.py" in path:
+        if "/torch/" in path or path.endswith("/benchmarks/step_profile.py") or "/contextlib.py" in path:
             continue
         return f"{'/'.join(path.split('/')[-2:])}:{frame.lineno} {frame.name}"
     return "?"

@@ -1,4 +1,4 @@
-"""Throughput of one stage-1 optimiser step: ``python -m me5.app.bench`` (``make bench``).
+"""Throughput of one stage-1 optimiser step: ``python -m benchmarks.train_step`` (``make bench``).
 
 One row per (model, global batch, length mode, method), where a step is: embed B queries and B passages,
 InfoNCE over in-batch negatives (τ = 0.01, duplicate masking on), backward, gradient clipping, AdamW step.
@@ -43,7 +43,7 @@ the executed transformer FLOPs spent on padding (measured from the inputs each e
 ``packed``, whose attention runs per row over each row's own length); ``vs ours`` / ``vs st`` = pairs/s relative
 to ``ours`` / ``st`` at the same grid point.
 
-Two more modes explain the numbers (:mod:`me5.app.bench_profile`):
+Two more modes explain the numbers (:mod:`benchmarks.step_profile`):
 
 - ``--profile``: at one grid point (``--profile-at``, default ``base/32768/variable`` on a GPU), one
   steady-state step (after the warm-up) of ``ours``, ``packed`` and ``st`` runs under ``torch.profiler``:
@@ -279,13 +279,17 @@ def ours_step_fn(encoder, device, *, chunk_tokens: int | None, chunk_rows: int |
     The returned ``step(batch)`` has ``step.grad_step(batch)`` (the loss and its backward only, what
     ``--host-cost`` counts), ``step.counted`` (the module whose calls are the encoder calls) and ``step.cleanup()``.
     """
+    from me5.batching import BatchPlan
     from me5.losses import InfoNCE, WeightedLoss
     from me5.training import ContrastivePretraining
 
     module = ContrastivePretraining(
         encoder, WeightedLoss({"infonce": InfoNCE(temperature=0.01)}, {"infonce": 1.0}),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.01),
-        chunk_tokens=chunk_tokens, chunk_rows=chunk_rows, sort_by_length=sort, grad_clip=1.0,
+        # the benchmark feeds batches of several sizes: the module reads only the plan's chunking fields
+        batch_plan=None if chunk_tokens is None and chunk_rows is None else BatchPlan(
+            global_batch_size=0, chunk_rows=chunk_rows, chunk_tokens=chunk_tokens, where="bench"),
+        sort_by_length=sort, grad_clip=1.0,
     ).to(device)
     opt = _optimizer([p for p in module.parameters() if p.requires_grad], device)
 
@@ -332,13 +336,13 @@ def load_st_model(folder: Path, dim: int, device: torch.device, attn_implementat
 
 def st_step_fn(st_model, device, *, mini_batch: int, scale: float = 100.0) -> Callable:
     """A step of sentence-transformers' cached loss; its mini-batches are labelled for the profiler
-    (:func:`me5.app.bench_profile.label_st_chunks`). Same attributes as :func:`ours_step_fn`'s step."""
+    (:func:`benchmarks.step_profile.label_st_chunks`). Same attributes as :func:`ours_step_fn`'s step."""
     try:
         from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
     except ImportError:  # older releases
         from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
 
-    from me5.app.bench_profile import label_st_chunks
+    from benchmarks.step_profile import label_st_chunks
 
     st_model.train()
     loss_fn = CachedMultipleNegativesRankingLoss(st_model, scale=scale, mini_batch_size=mini_batch)
@@ -575,7 +579,7 @@ def run_bench(cfg: BenchConfig, *, log: Callable[[str], None] = print,
     """Run the grid; returns ``(rows, meta)``. ``on_update`` sees all rows so far each time a row is measured
     (so a run cut short keeps them; ``vs ours`` fills in once the point's ``ours`` row is done); ``on_profile``
     sees the profile results so far."""
-    from me5.app.bench_profile import CHUNK_RANGES, count_calls, profile_step
+    from benchmarks.step_profile import CHUNK_RANGES, count_calls, profile_step
     from me5.models.encoder import resolve_attn_implementation
 
     cfg = cfg.resolved()
@@ -735,11 +739,11 @@ def host_cost_for(method: str, model: str = "base", *, n_pairs: int = 4, chunks:
                   packed_attention_dropout: str | None = None) -> dict:
     """Ops and sync-forcing ops of one GradCache step (loss and backward; no clipping or optimiser) of
     ``method`` at about ``chunks[0]`` and ``chunks[1]`` chunks per side, split into per chunk and per step
-    (:func:`me5.app.bench_profile.per_chunk`). Each side's budget is ``ceil(n_pairs / k)`` rows (``ours-rows``,
+    (:func:`benchmarks.step_profile.per_chunk`). Each side's budget is ``ceil(n_pairs / k)`` rows (``ours-rows``,
     ``st``) or that many rows of the longest length (``ours``, ``packed``), so short queries take fewer chunks;
     the split uses the encoder calls actually made. The counts are the same from the first step on (no
     warm-up is needed), and the gradients are reset before each run (accumulating into them adds ops)."""
-    from me5.app.bench_profile import host_cost, per_chunk
+    from benchmarks.step_profile import host_cost, per_chunk
 
     if method not in GRADCACHE_METHODS:
         raise ValueError(f"host cost is measured for the GradCache methods {list(GRADCACHE_METHODS)}, not {method!r}")
@@ -834,7 +838,7 @@ def format_table(rows: Sequence[dict], meta: dict | None = None) -> str:
 
 
 def _write_profiles(out: Path, results: Sequence, header: str) -> None:
-    from me5.app.bench_profile import format_profile, format_profile_summary, profile_json
+    from benchmarks.step_profile import format_profile, format_profile_summary, profile_json
 
     parts = [f"# One profiled steady-state step per method\n\n{header}\n", format_profile_summary(results)]
     parts += [format_profile(r, header=f"## {r.method}") for r in results]
@@ -847,7 +851,7 @@ def _csv(text: str, cast=str) -> tuple:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m me5.app.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:i]")
     p.add_argument("--models", default="", help=f"comma list of {sorted(MODEL_SHAPES)} (default: tiny on CPU; small,base,large on GPU)")
@@ -898,7 +902,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown method(s) {bad}; choose from {list(METHODS)}")
 
     if args.host_cost:
-        from me5.app.bench_profile import format_host_cost
+        from benchmarks.step_profile import format_host_cost
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         model = (_csv(args.models) or ("base",))[0]

@@ -1,4 +1,4 @@
-"""``python -m me5.app.bench_prep``: pairs/s of the ``prepare`` pipeline on generated raw pairs, per worker count, and
+"""``python -m benchmarks.prepare``: pairs/s of the ``prepare`` pipeline on generated raw pairs, per worker count, and
 of the consistency filter with a saved model (``--model``).
 
 The raw data: ``--pairs`` pairs of pseudo-text (queries of 4-12 words, positives of 20-60, Zipf-distributed
@@ -79,7 +79,7 @@ def bench_prepare(raw: Path, work: Path, workers: list[int], *, read_tasks: int,
 
 def bench_filter(model: str, work: Path, *, pairs: int, pool: int, max_length: int, device: str | None) -> dict:
     """The consistency filter alone (embed queries + positives, search the pool): pairs/s, pool embedding apart."""
-    from me5.embed.consistency import ModelScorer, pool_ranks
+    from me5.mining.consistency import ModelScorer, pool_ranks
     from me5.prompts import PromptPolicy
 
     prompts = PromptPolicy("e5")
@@ -109,7 +109,7 @@ def bench_filter(model: str, work: Path, *, pairs: int, pool: int, max_length: i
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m me5.app.bench_prep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/me5-bench-prep")
     p.add_argument("--pairs", type=int, default=2_000_000)
     p.add_argument("--files", type=int, default=8)

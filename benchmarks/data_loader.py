@@ -1,4 +1,4 @@
-"""``python -m me5.app.bench_data``: data-loader throughput and resume overhead (a benchmark, not a test).
+"""``python -m benchmarks.data_loader``: data-loader throughput and resume overhead (a benchmark, not a test).
 
 Measures pairs per second per CPU core, tokenised and collated (query budget 32 + passage budget 128 tokens,
 per-device batch 1024), with an XLM-R-style SentencePiece-Unigram tokenizer trained here
@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from me5.prompts import E5_DOCUMENT, E5_QUERY  # noqa: E402 (after the environment it reads)
+from me5.prompts import E5_DOCUMENT, E5_QUERY, PromptPolicy  # noqa: E402 (after the environment it reads)
 
 QUERY_MAX, PASSAGE_MAX = 32, 128
 
@@ -137,7 +137,8 @@ def pairs_1m(work: Path, sample: Path, n_pairs: int, *, shard_rows: int = 100_00
     """``n_pairs`` generated pairs as sharded parquet + ``shards.json`` (built once in ``work``)."""
     from me5.data.readers import SHARDS_FORMAT, SHARDS_MANIFEST
     from me5.data.schema import PairExample
-    from me5.data.shards import _write_json, _write_shard
+    from me5.data.shards import write_shard
+    from me5.jsonio import write_json
 
     out = work / f"pairs-{n_pairs}"
     if (out / SHARDS_MANIFEST).is_file():
@@ -152,9 +153,9 @@ def pairs_1m(work: Path, sample: Path, n_pairs: int, *, shard_rows: int = 100_00
             # queries 4-15 words, passages 20-139 words (pseudo-text, 10 scripts)
             lang, q, p = gen.pair()
             exs.append(PairExample(q, p, lang=lang, source="bench"))
-        shards.append(_write_shard(out / f"part-{k:05d}.parquet", exs, row_group_rows, seed=(0, k), split_langs=False))
+        shards.append(write_shard(out / f"part-{k:05d}.parquet", exs, row_group_rows, seed=(0, k), split_langs=False))
         shards[-1]["bytes"] = (out / shards[-1]["file"]).stat().st_size
-    _write_json(out / SHARDS_MANIFEST, {"format": SHARDS_FORMAT, "source": "bench", "shards": shards})
+    write_json(out / SHARDS_MANIFEST, {"format": SHARDS_FORMAT, "source": "bench", "shards": shards})
     size = sum(s["bytes"] for s in shards) / 2**20
     _log(f"wrote {n_pairs} pairs in {len(shards)} shards ({size:.0f} MiB) in {time.perf_counter() - t:.0f} s")
     return out
@@ -167,7 +168,7 @@ def _dm(path, tok, *, num_workers: int, batch: int, streaming: bool):
 
     dm = PairDataModule.from_path(str(path), name="pairs", num_workers=num_workers, streaming=streaming)
     dm.connect(tok, batch_plan=BatchPlan.build(global_batch_size=batch), query_max_length=QUERY_MAX,
-               passage_max_length=PASSAGE_MAX)
+               passage_max_length=PASSAGE_MAX, prompts=PromptPolicy("e5"))
     dm.setup("fit")
     return dm
 
@@ -220,10 +221,10 @@ def collate_only(dm, n_batches: int, *, word_cache: int = 262_144) -> tuple[floa
 
     from me5.data.collate import PairCollator
 
-    coll = PairCollator(dm._connected["tokenizer"], query_max_length=QUERY_MAX, passage_max_length=PASSAGE_MAX,
+    coll = PairCollator(dm._connected.tokenizer, query_max_length=QUERY_MAX, passage_max_length=PASSAGE_MAX,
                         word_cache=word_cache)
     name = next(iter(dm.sources()))
-    fmt = dm._connected["formatters"][name]
+    fmt = dm._connected.formatters[name]
     if name not in dm.examples:
         from me5.data.readers import read_row_group
 
@@ -334,7 +335,7 @@ def parallel_scaling(n: int) -> float:
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m me5.app.bench_data", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.data_loader", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/me5_bench_data", help="where the generated data and tokenizer go")
     p.add_argument("--pairs", type=int, default=1_000_000)
     p.add_argument("--vocab", type=int, default=32000)

