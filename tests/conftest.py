@@ -1,4 +1,5 @@
-"""Shared test set-up: offline hubs, no W&B, deterministic small threads."""
+"""Shared test set-up: offline hubs, no W&B, one intra-op thread per process, the session's sample data, and the
+subprocess runs that test modules start when the session starts."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one thread per process, here and in the processes the tests start: on a 2-core machine the tests' subprocess
+# runs go on beside the in-process tests (`early` below, test_e2e's `cli`), and two single-threaded streams use the
+# cores; a team of threads would wait for each other's core
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,17 +29,84 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The sample data and tokenizer, generated once per test module (seeded, so identical everywhere; made before
-    a run starts, so the jobs of a sweep do not race to make them)."""
-    from me5.data.synthetic import generate_sample_data
-    from me5.models.tokenizer import ensure_sample_tokenizer
+# ---------------------------------------------------------------------------------------------- started early
+def _tree_state(root):
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
-    root = tmp_path_factory.mktemp("data")
-    generate_sample_data(root / "sample", seed=0)
-    ensure_sample_tokenizer(root / "sample")
-    return root
+
+class Early:
+    """The session's early runs: subprocesses that test modules start when the session starts, one at a time in
+    the order submitted (a :class:`tests.helpers.Background` of one slot), while the tests run: most tests keep
+    one core busy, these use the other. A test module with a ``start_early(early, selected)`` function (the names
+    of its selected tests) is asked to submit its runs when one of its tests is selected; its tests then wait for
+    their own with :meth:`result`. The session's sample data (``data_dir``) is made here too, first."""
+
+    def __init__(self, tmp_path_factory):
+        from tests.helpers import Background
+
+        self.tmp_path_factory = tmp_path_factory
+        self.background = Background(slots=1)
+        self.info: dict = {}  # what a module's runs left for its tests (folders, ...)
+        self._data = None
+        self.data_state: dict | None = None
+
+    def submit(self, name: str, cmd: list[str], *, timeout: float = 600, **popen_kwargs):
+        return self.background.submit(name, cmd, timeout=timeout, **popen_kwargs)
+
+    def result(self, name: str):
+        return self.background.result(name)
+
+    def data_dir(self):
+        """The sample data folder, its making submitted first if it was not yet (a run submitted after this call
+        starts once the data is made: one slot, in order)."""
+        import sys
+
+        if self._data is None:
+            self._data = self.tmp_path_factory.mktemp("data")
+            code = ("import sys\nfrom pathlib import Path\n"
+                    "from me5.data.synthetic import generate_sample_data\n"
+                    "from me5.models.tokenizer import ensure_sample_tokenizer\n"
+                    "root = Path(sys.argv[1]) / 'sample'\n"
+                    "generate_sample_data(root, seed=0)\nensure_sample_tokenizer(root)\n")
+            made = self.submit("data_dir", [sys.executable, "-c", code, str(self._data)])
+            # what the folder holds once made, before any run that reads it starts
+            made.add_done_callback(lambda _: setattr(self, "data_state", _tree_state(self._data)))
+        return self._data
+
+    def close(self) -> None:
+        self.background.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early(request, tmp_path_factory):
+    """The session's :class:`Early` runs: the sample data when a selected test uses ``data_dir``, then the runs of
+    the test modules (in file order) that declare ``start_early``."""
+    bg = Early(tmp_path_factory)
+    items = request.session.items
+    if any("data_dir" in item.fixturenames for item in items):
+        bg.data_dir()
+    modules: dict = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "start_early"):
+            modules.setdefault(module, set()).add(item.originalname)
+    for module, selected in modules.items():
+        module.start_early(bg, selected)
+    yield bg
+    bg.close()
+
+
+@pytest.fixture(scope="session")
+def data_dir(early):
+    """The sample data and tokenizer (``<data_dir>/sample``), generated once per test session in a subprocess
+    started with the session (seeded, so identical everywhere; made before a run starts, so the jobs of a sweep do
+    not race to make them). Read-only: a test that would change it copies it first; that nothing in it changed is
+    checked when the session ends."""
+    root = early.data_dir()
+    r = early.result("data_dir")
+    assert r.returncode == 0, f"generating the sample data failed:\n{r.stderr[-3000:]}"
+    yield root
+    assert _tree_state(root) == early.data_state, "a test wrote into the shared data_dir (copy it first)"
 
 
 # ---------------------------------------------------------------------------------------------- the paper's layout

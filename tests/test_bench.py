@@ -77,11 +77,10 @@ def test_grid_points_parse_and_the_profiled_point_goes_first():
 
 def test_cpu_smoke_grid_steady_state():
     """Every method runs a warm-up at the timed shape, then the timed steps; encoder calls are counted."""
-    torch.set_num_threads(2)
     methods = ("ours", "packed", "naive", "st") if PACKED else ("ours", "naive", "st")
     cfg = train_step.BenchConfig(device="cpu", models=("tiny",), batches=(16,), lengths=("fixed", "variable"),
                             methods=methods, mini_batch={"tiny": 8}, steps=2)
-    seen = []
+    seen = []  # on the session's one thread (tests/conftest.py)
     rows, meta = train_step.run_bench(cfg, log=lambda s: None, on_update=lambda rs: seen.append(len(rs)))
     assert meta["peak_flops"] > 1e9 and meta["steps"] == 2 and meta["warmup_steps"] == 1
     assert len(rows) == 2 * len(methods) and seen == list(range(1, len(rows) + 1))  # row by row

@@ -9,49 +9,19 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tokenizers import Tokenizer, pre_tokenizers
 
 from me5.batching import BatchPlan
 from me5.data import PairBatchStream, PairCollator, PairDataModule, Source
 from me5.data.sources.columns import ColumnPairs
 from me5.errors import ConfigError, DataError
-from tests.helpers import connect, format_item, one_source
-
-
-def wordlevel_tokenizer():
-    """A word-level tokenizer with XLM-R's special tokens and template (``<s> ... </s>``)."""
-    words = [f"w{i}" for i in range(200)] + ["query:", "passage:", "кошка", "猫", "قطة", "बिल्ली"]
-    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    from tokenizers.processors import TemplateProcessing
-
-    tok.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
-                                   model_max_length=64)
+from tests.helpers import connect, format_item, one_source, pairs, write_jsonl
+from tests.tiny import wordlevel_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return wordlevel_tokenizer()
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def pairs(n, *, prefix="w", negs=0, lang="en"):
-    out = []
-    for i in range(n):
-        r = {"query": f"{prefix}{i % 200}", "positive": f"{prefix}{(i + 1) % 200} {prefix}{(i + 2) % 200}", "lang": lang}
-        if negs:
-            r["negatives"] = [f"{prefix}{(i + 3 + k) % 200}" for k in range(negs)]
-            r["teacher_scores"] = [5.0] + [1.0 - k for k in range(negs)]
-        out.append(r)
-    return out
 
 
 def connected(dm, tokenizer, **kw):
@@ -360,7 +330,6 @@ def test_fast_collator_equals_the_reference_and_counts_truncation_exactly(tokeni
 
 
 def test_word_cache_is_off_where_chunks_do_not_encode_independently(unigram):
-    from tokenizers import Tokenizer, pre_tokenizers
 
     from me5.data.collate import _WordCache
 

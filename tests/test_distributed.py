@@ -9,14 +9,11 @@ loss is their mean over ranks (their sum is ``world ×`` the union loss), and th
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -32,6 +29,7 @@ from me5.distributed import (
 from me5.gradcache import gradcache_step
 from me5.losses import EmbeddingBatch, InfoNCE, KLDistillation, WeightedLoss
 from me5.models.pooling import mean_pool
+from tests.helpers import free_port, spawn_and_join
 
 WORLD, B, G, VOCAB = 2, 3, 2, 50
 
@@ -146,27 +144,10 @@ def _exit_after_teardown() -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn_and_join(fn, args: tuple, timeout_s: int, what: str) -> None:
-    """Run ``fn(rank, *args)`` on WORLD spawned processes; fail the test (killing them) after ``timeout_s``."""
-    ctx = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"the {what} did not finish in {timeout_s} s")
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("dist")
-    _spawn_and_join(_worker, (_free_port(), str(out_dir)), 120, "distributed workers")
+    spawn_and_join(_worker, (free_port(), str(out_dir)), 120, "distributed workers", nprocs=WORLD)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -251,10 +232,9 @@ L_QUERIES, L_GROUPS = 6, {"pretrain": 1, "finetune": 3}
 def _lightning_module(stage: str, options: dict):
     import functools
 
+    from me5.batching import BatchPlan
     from me5.training import ContrastivePretraining, SupervisedFinetuning
     from tests import tiny
-
-    from me5.batching import BatchPlan
 
     cls = ContrastivePretraining if stage == "pretrain" else SupervisedFinetuning
     options = dict(options)
@@ -317,7 +297,8 @@ def _lightning_worker(rank: int, port: int, out_dir: str, accelerator: str = "cp
 
 
 def _run_lightning_workers(out_dir, accelerator: str = "cpu"):
-    _spawn_and_join(_lightning_worker, (_free_port(), str(out_dir), accelerator), 240, "Lightning workers")
+    spawn_and_join(_lightning_worker, (free_port(), str(out_dir), accelerator), 240, "Lightning workers",
+                   nprocs=WORLD)
     return [torch.load(out_dir / f"lightning_rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -35,7 +35,7 @@ N_DOCS = 24
 def _corpus(n: int = N_DOCS, seed: int = 3) -> tuple[list[str], list[str]]:
     from tests import tiny
 
-    return [f"doc{i}" for i in range(n)], tiny.texts(n, 1, 40, seed=seed)
+    return tiny.corpus(n, seed=seed)
 
 
 def _encoder(seed: int = 0):
@@ -97,12 +97,12 @@ def _encode_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_processes_shard_the_corpus_and_equal_one_process(tmp_path):
-    from tests.test_distributed import _free_port, _spawn_and_join
+    from tests.helpers import free_port, spawn_and_join
 
     ids, texts = _corpus()
     enc, tok = _encoder(), _tokenizer()
     torch.save({"encoder": enc, "tokenizer": tok, "ids": ids, "texts": texts}, tmp_path / "problem.pt")
-    _spawn_and_join(_encode_worker, (_free_port(), str(tmp_path)), 120, "encoding workers")
+    spawn_and_join(_encode_worker, (free_port(), str(tmp_path)), 120, "encoding workers")
     one = encode_corpus(enc, tok, ids, texts, tmp_path / "one", prefix=PREFIX, max_length=48, max_batch=3,
                         shard_rows=4)
     assert (one.world, one.written) == (1, 6)
@@ -172,11 +172,11 @@ def test_killed_run_resumes_without_recomputing_finished_shards(tmp_path):
 
 KILL_KW = {"prefix": PREFIX, "max_length": 48, "max_batch": 4, "shard_rows": 4}  # 20 docs: 5 shards, 1 forward each
 _KILLED_CHILD = """
-import sys, time
+import json, sys, time
 from me5.embed.encode import encode_corpus
-from tests.test_embed import KILL_KW, _corpus, _encoder, _tokenizer
+from tests import tiny
 
-enc = _encoder()
+enc = tiny.encoder(dropout=0.0, seed=0).eval()  # _encoder()
 forward, calls = enc.forward, [0]
 
 def slow(*args, **kwargs):  # shard 0 at full speed, then slowly: the parent's SIGKILL lands inside the run
@@ -186,7 +186,7 @@ def slow(*args, **kwargs):  # shard 0 at full speed, then slowly: the parent's S
     return forward(*args, **kwargs)
 
 enc.forward = slow
-encode_corpus(enc, _tokenizer(), *_corpus(20), sys.argv[1], **KILL_KW)
+encode_corpus(enc, tiny.tokenizer(), *tiny.corpus(20), sys.argv[1], **json.loads(sys.argv[2]))  # KILL_KW
 print("finished", flush=True)
 """
 
@@ -207,7 +207,7 @@ def test_sigkilled_encoding_resumes_to_the_same_shards(tmp_path):
     assert whole.written == 5
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(run)], cwd=ROOT, env=env,
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(run), json.dumps(KILL_KW)], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = run / "emb-r0-00000.json"
     deadline = time.monotonic() + 120
@@ -432,7 +432,7 @@ def _neg(s: str) -> tuple:
 
 def test_evaluator_work_dir_and_in_memory_agree_with_a_real_encoder(tmp_path):
     from me5.eval.retrieval import RetrievalEvaluator, load_beir
-    from tests.test_retrieval import write_beir
+    from tests.helpers import write_beir
 
     data = load_beir(write_beir(tmp_path / "data"))
     enc, tok = _encoder(), _tokenizer()
@@ -516,11 +516,11 @@ def test_two_ranks_share_the_encoding_and_the_search_and_equal_one_process(tmp_p
     import json
 
     from me5.eval.retrieval import RetrievalEvaluator
-    from tests.test_distributed import _free_port, _spawn_and_join
+    from tests.helpers import free_port, spawn_and_join
 
     data, enc, tok = _tied_data(), _QuantEncoder(), _tokenizer()
     torch.save({"data": data, "encoder": enc, "tokenizer": tok}, tmp_path / "problem.pt")
-    _spawn_and_join(_eval_worker, (_free_port(), str(tmp_path)), 120, "evaluation workers")
+    spawn_and_join(_eval_worker, (free_port(), str(tmp_path)), 120, "evaluation workers")
     one = RetrievalEvaluator(data, name="t", query_max_length=16, passage_max_length=16,
                              prompts=PromptPolicy("none")).evaluate(enc, tok)
     ranks = [json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in (0, 1)]

@@ -134,7 +134,7 @@ def miracl_and_model(tmp_path_factory):
     """MIRACL fixtures in the published layout, converted (sw, te), and a tiny exported model."""
     from me5.eval.miracl import convert_miracl
     from tests.helpers import ROOT
-    from tests.test_export import build_tiny_encoder, build_tokenizer
+    from tests.tiny import build_tiny_encoder, build_tokenizer
 
     fx = ROOT / "tests" / "fixtures" / "miracl"
     root = tmp_path_factory.mktemp("eval")
@@ -219,11 +219,11 @@ def test_shared_evaluation_parts_the_corpus_and_runs_rank0_evaluators_alone(mira
     from me5.eval.mteb import MtebEvaluator
     from me5.eval.suite import evaluate_all
     from me5.models.saved import load_model, read_saved_settings
-    from tests.test_distributed import _free_port, _spawn_and_join
+    from tests.helpers import free_port, spawn_and_join
 
     root, model = miracl_and_model
     t0 = time.monotonic()
-    _spawn_and_join(_pipeline_worker, (_free_port(), str(root), str(model), str(tmp_path)), 180, "evaluation workers")
+    spawn_and_join(_pipeline_worker, (free_port(), str(root), str(model), str(tmp_path)), 180, "evaluation workers")
     assert time.monotonic() - t0 > PROBE_S
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(p.name for p in tmp_path.glob("*-ran-on-*")) == ["any-ran-on-0", "any-ran-on-1", "slow-ran-on-0"]

@@ -11,8 +11,8 @@ from me5.eval.paper import released_scores
 from me5.export import export_encoder
 from me5.models.saved import SavedSettings, read_saved_settings
 from me5.prompts import PromptPolicy
-from tests.test_export import build_tiny_encoder, build_tokenizer
-from tests.test_retrieval import write_beir
+from tests.helpers import write_beir
+from tests.tiny import build_tiny_encoder, build_tokenizer
 
 
 @pytest.fixture(scope="module")

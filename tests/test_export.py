@@ -13,47 +13,9 @@ from me5.export import export_encoder
 from me5.models.encoder import Encoder
 from me5.prompts import PromptPolicy
 from tests import tiny
+from tests.tiny import build_tiny_encoder, build_tokenizer
 
-SENTENCES = [
-    "the cat sits on the mat",
-    "a dog runs in the park",
-    "der Hund läuft im Park",
-    "die Katze schläft auf dem Sofa",
-    "le chat dort sur le canapé",
-    "el perro come su comida",
-    "il gatto dorme sul divano",
-    "o cachorro corre no parque",
-    "кошка спит на диване",
-    "собака бежит в парке",
-    "猫はソファで寝ている",
-    "犬が公園を走っている",
-    "고양이가 소파에서 잔다",
-    "القطة تنام على الأريكة",
-    "बिल्ली सोफे पर सो रही है",
-]
 TEXTS = ["the cat runs", "die Katze läuft im Park und schläft danach sehr lange", "猫", "el perro"]
-
-
-def build_tokenizer(out_dir):
-    """An XLM-R-style Unigram tokenizer trained on ~50 multilingual sentences."""
-    from me5.models.tokenizer import train_unigram_tokenizer
-
-    texts = [s for s in SENTENCES for _ in range(3)] + [s.upper() for s in SENTENCES[:5]]
-    return train_unigram_tokenizer(texts, out_dir, vocab_size=300, model_max_length=128)
-
-
-def build_tiny_encoder(tokenizer, pooling="mean", normalize=True, seed=0):
-    torch.manual_seed(seed)
-    return Encoder.from_scratch(
-        tokenizer=tokenizer,
-        model_type="xlm-roberta",
-        pooling=pooling,
-        normalize=normalize,
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        intermediate_size=128,
-    ).eval()
 
 
 @pytest.fixture(scope="module")

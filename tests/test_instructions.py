@@ -23,8 +23,8 @@ from me5.models.encoder import Encoder
 from me5.models.pooling import without_prompt
 from me5.prompts import TASKS, PromptPolicy, prompt_token_count
 from tests import tiny
-from tests.test_data import write_jsonl
-from tests.test_export import build_tiny_encoder, build_tokenizer
+from tests.helpers import write_jsonl
+from tests.tiny import build_tiny_encoder, build_tokenizer
 
 RETRIEVAL = "Given a recipe name, retrieve the recipe"
 

@@ -114,14 +114,25 @@ TINY = [
 ]
 
 
-def test_submitit_local_sweep_runs_a_tiny_job(tmp_path):
-    sweep = tmp_path / "sweep"
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "me5.train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-           f"hydra.sweep.dir={sweep}", f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
-           *TINY]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+SWEEP = "test_submitit_local_sweep_runs_a_tiny_job"
+
+
+def start_early(early, selected) -> None:
+    """The submitit sweep below, started with the session (tests/conftest.py's ``early``) on its sample data (a
+    run on an empty data folder: test_layout's non-editable install); its test waits for it."""
+    if SWEEP in selected:
+        tmp_path = early.info["launcher/sweep"] = early.tmp_path_factory.mktemp("submitit")
+        env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+        cmd = [sys.executable, "-m", "me5.train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.data_dir={early.data_dir()}",
+               f"paths.log_dir={tmp_path / 'logs'}", *TINY]
+        early.submit("launcher/sweep", cmd, cwd=ROOT, env=env)
+
+
+def test_submitit_local_sweep_runs_a_tiny_job(early, data_dir):
+    sweep = early.info["launcher/sweep"] / "sweep"
+    r = early.result("launcher/sweep")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Submitit 'local' sweep output dir" in r.stderr + r.stdout
     job = sweep / "0"

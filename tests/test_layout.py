@@ -28,6 +28,55 @@ def library_files():
         yield f
 
 
+IMPORT_CHECK = "test_library_imports_without_hydra_or_wandb"
+INSTALL = "test_non_editable_install_runs_the_app_from_any_folder"
+
+
+def _library_modules() -> list[str]:
+    return [".".join(f.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__") for f in library_files()]
+
+
+def _install(tmp_path) -> tuple[subprocess.CompletedProcess, dict]:
+    """``pip install .`` of a copy of the checkout into ``tmp_path/site`` (so the build leaves nothing in the
+    checkout), with ``benchmarks/`` beside ``src/`` as in the checkout (the install must skip it); returns pip's
+    result and the environment that imports the installed copy."""
+    tree = tmp_path / "tree"
+    for folder in ("src", "benchmarks"):
+        shutil.copytree(ROOT / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tree / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(tmp_path / "site"), str(tree)], capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return r, env
+
+
+def start_early(early, selected) -> None:
+    """The subprocesses of the two slow tests below (an interpreter importing the whole library; the app from a
+    non-editable install, run on an empty data folder), started with the session (tests/conftest.py's ``early``);
+    the tests wait for them. ``early.info["layout/install"]``: the install's folder and pip's result."""
+    if IMPORT_CHECK in selected:
+        code = ("import importlib, sys\n"
+                f"for m in {_library_modules()!r}: importlib.import_module(m)\n"
+                "print(sorted(k for k in ('hydra', 'wandb', 'omegaconf') if k in sys.modules))")
+        early.submit("layout/imports", [sys.executable, "-c", code])
+    if INSTALL in selected:
+        tmp_path = early.tmp_path_factory.mktemp("install")
+        pip, env = _install(tmp_path)
+        early.info["layout/install"] = (tmp_path, pip)
+        if pip.returncode == 0:
+            elsewhere = tmp_path / "elsewhere"
+            elsewhere.mkdir()
+            early.submit("layout/where", [sys.executable, "-c", "import me5, me5.app.train as t; "
+                                          "print(me5.__file__, t.CONF_DIR)"], cwd=elsewhere, env=env)
+            early.submit("layout/run", [sys.executable, "-m", "me5.train", "stage=[pretrain]", "eval=none",
+                                        "eval_baseline=false", "logger=none", "stages.pretrain.max_steps=2",
+                                        "stages.pretrain.warmup_steps=1", "stages.pretrain.global_batch_size=8",
+                                        "checkpoint_every=2", "trainer.enable_progress_bar=false",
+                                        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=elsewhere, env=env)
+
+
 def test_library_modules_import_nothing_of_the_app():
     bad = []
     for f in library_files():
@@ -175,13 +224,52 @@ def test_no_import_circles():
     assert not cycle, " -> ".join(cycle)
 
 
-def test_library_imports_without_hydra_or_wandb():
-    mods = [".".join(f.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__") for f in library_files()]
-    code = ("import importlib, sys\n"
-            f"for m in {mods!r}: importlib.import_module(m)\n"
-            "print(sorted(k for k in ('hydra', 'wandb', 'omegaconf') if k in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+TESTS = ROOT / "tests"
+
+
+def imported_test_modules(f) -> list[str]:
+    """``file:line: module`` for each test module (``tests.test_*``, or tests/conftest.py) that ``f`` imports, other
+    than itself: import statements (lazy ones too) and code in strings run by a subprocess
+    (``from tests.test_x import ...``)."""
+    text = f.read_text(encoding="utf-8")
+    found = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:  # from . import test_x / from .test_x import y
+                mod = f"tests.{mod}" if mod else "tests"
+            names = [mod] + ([f"tests.{a.name}" for a in node.names] if mod == "tests" else [])
+        else:
+            continue
+        found |= {(node.lineno, n) for n in names}
+    for m in re.finditer(r"^\s*(?:from|import)\s+(tests\.test_\w+)", text, flags=re.M):
+        found.add((text.count("\n", 0, m.start()) + 1, m.group(1)))
+    own = f"tests.{f.stem}"
+    return sorted(f"{f.name}:{line}: {n}" for line, n in found
+                  if (n.startswith("tests.test_") or n == "tests.conftest") and n.split(".")[1] != own.split(".")[1])
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers.py and tests/tiny.py (fixtures in tests/conftest.py): no test module
+    imports another, lazily or in a subprocess's code."""
+    bad = [hit for f in sorted(TESTS.glob("*.py")) for hit in imported_test_modules(f)]
+    assert not bad, bad
+
+
+def test_the_test_module_check_catches_an_import(tmp_path):
+    f = tmp_path / "test_x.py"
+    f.write_text("from tests import tiny\n\ndef test():\n    from tests.test_data import pairs\n\n"
+                 "CHILD = \"\"\"\nfrom tests.test_embed import KILL_KW\n\"\"\"\nfrom tests import test_score\n")
+    assert imported_test_modules(f) == ["test_x.py:4: tests.test_data", "test_x.py:7: tests.test_embed",
+                                        "test_x.py:9: tests.test_score"]
+
+
+def test_library_imports_without_hydra_or_wandb(early):
+    r = early.result("layout/imports")  # a fresh interpreter imports every library module, then lists these
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "[]"
 
 
 def test_shims_only_start_the_app():
@@ -190,29 +278,17 @@ def test_shims_only_start_the_app():
         assert "from me5.app." in body and len(body.splitlines()) <= 10, name
 
 
-def test_non_editable_install_runs_the_app_from_any_folder(tmp_path):
+def test_non_editable_install_runs_the_app_from_any_folder(early):
     """``pip install .`` (a wheel, not the source tree) carries the configs, not the benchmarks: the app composes
-    and runs."""
-    tree = tmp_path / "tree"  # a copy, so the build leaves nothing in the checkout
-    for folder in ("src", "benchmarks"):  # benchmarks/ beside src/, as in the checkout: the install must skip it
-        shutil.copytree(ROOT / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, tree / name)
+    and runs, from another folder, on an empty data folder (its first run makes the sample data and tokenizer)."""
+    tmp_path, pip = early.info["layout/install"]
+    assert pip.returncode == 0, pip.stderr[-3000:]
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(tree)], check=True, capture_output=True, text=True)
     assert (target / "me5" / "conf" / "config.yaml").is_file() and (target / "me5" / "conf" / "stage").is_dir()
     assert not (target / "benchmarks").exists() and not list(target.rglob("bench*.py"))
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(target), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    where = subprocess.run([sys.executable, "-c", "import me5, me5.app.train as t; print(me5.__file__, t.CONF_DIR)"],
-                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout
-    assert where.startswith(str(target)) and str(ROOT) not in where
-    r = subprocess.run([sys.executable, "-m", "me5.train", "stage=[pretrain]", "eval=none", "eval_baseline=false",
-                        "logger=none", "stages.pretrain.max_steps=2", "stages.pretrain.warmup_steps=1",
-                        "stages.pretrain.global_batch_size=8", "checkpoint_every=2", "trainer.enable_progress_bar=false",
-                        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    where = early.result("layout/where")
+    assert where.returncode == 0, where.stderr[-3000:]
+    assert where.stdout.startswith(str(target)) and str(ROOT) not in where.stdout
+    r = early.result("layout/run")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / "export" / "pretrain" / "me5.json").is_file()

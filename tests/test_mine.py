@@ -32,7 +32,6 @@ from me5.mining.select import candidate_window, guard_masks, pick_order, take
 from me5.models.encoder import Encoder
 from me5.prompts import PromptPolicy
 from tests import tiny
-from tests.test_score import build_cross_encoder
 
 E5 = PromptPolicy("e5")
 
@@ -76,7 +75,7 @@ def env(tmp_path_factory):
     data.parent.mkdir()
     data.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     return {"root": root, "encoder": enc, "tokenizer": tok, "model": model, "data": data, "records": recs,
-            "teacher": build_cross_encoder(root / "teacher")}
+            "teacher": tiny.build_cross_encoder(root / "teacher")}
 
 
 def examples(recs) -> list[PairExample]:
@@ -387,7 +386,7 @@ def test_bad_input_is_a_clear_error_before_any_embedding(env, tmp_path, monkeypa
     assert "mine.range_max" in err and "240 passages" in err
     assert "mine.n_negatives" in fails("--n", "9", "--range-min", "5", "--range-max", "10")
     assert "mine.perc_pos" in fails("--perc-pos", "1.5")
-    two = build_cross_encoder(tmp_path / "two-labels", num_labels=2)
+    two = tiny.build_cross_encoder(tmp_path / "two-labels", num_labels=2)
     err = fails("--teacher", str(two))
     assert "'--teacher'" in err and str(two) in err and "num_labels=2" in err
 

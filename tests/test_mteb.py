@@ -151,7 +151,7 @@ def expected_prompts(style: str) -> dict[str, tuple[str, str]]:
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from tests.test_export import build_tiny_encoder, build_tokenizer
+    from tests.tiny import build_tiny_encoder, build_tokenizer
 
     root = tmp_path_factory.mktemp("mteb")
     tok = build_tokenizer(root / "tok")
@@ -309,7 +309,7 @@ def test_classification_vectors_are_the_pooled_vectors(exported):
 
 
 def test_policy_comes_from_the_export_and_reranking_sides_are_an_option(tmp_path):
-    from tests.test_export import build_tiny_encoder, build_tokenizer
+    from tests.tiny import build_tiny_encoder, build_tokenizer
 
     tok = build_tokenizer(tmp_path / "tok")
     folder = export_encoder(build_tiny_encoder(tok), tok, tmp_path / "m", prompts=PromptPolicy("instruct"))

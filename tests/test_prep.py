@@ -22,15 +22,17 @@ from me5.errors import DataError
 from me5.mining.consistency import pool_ranks
 from me5.prep import ConsistencyOptions, PrepOptions, run_prep
 from me5.prep.pipeline import build_executors, make_plan
-from tests import test_data
-from tests.test_data import pairs
+from tests.helpers import (
+    RAW_STAGE2,
+    bad_records_file,
+    make_source,
+    pairs,
+    stage1_cases,
+    stage2_cases,
+    write_jsonl,
+)
 
 FIELDS = ("query", "positive", "negatives", "teacher_scores", "lang", "source", "instruction", "symmetric")
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return test_data.write_jsonl(path, records)
 
 
 def rows_of(folder: Path) -> list[tuple]:
@@ -43,17 +45,12 @@ def rows_of(folder: Path) -> list[tuple]:
 
 def fixture_sources() -> dict[str, Source]:
     """Every stage-1 and stage-2 source on its raw fixture (the cases of the source tests)."""
-    from tests.test_sources_stage1 import CASES as S1
-    from tests.test_sources_stage1 import make
-    from tests.test_sources_stage2 import CASES as S2
-    from tests.test_sources_stage2 import FIX
-
     out = {}
-    for i, (_, cls, kwargs, _, _) in enumerate(S1):
-        out[f"s1-{i:02d}"] = make(cls, kwargs)
-    for i, case in enumerate(S2):
+    for i, (_, cls, kwargs, _, _) in enumerate(stage1_cases()):
+        out[f"s1-{i:02d}"] = make_source(cls, kwargs)
+    for i, case in enumerate(stage2_cases()):
         cls, rel, kwargs, _, _ = case.values
-        out[f"s2-{i:02d}"] = cls(str(FIX / rel), **kwargs)
+        out[f"s2-{i:02d}"] = cls(str(RAW_STAGE2 / rel), **kwargs)
     return out
 
 
@@ -97,9 +94,7 @@ def test_pipeline_equals_the_inline_prepare_on_the_raw_fixtures(tmp_path):
 
 def test_bad_records_checks_and_decontamination_match_the_inline_prepare(tmp_path):
     """Malformed records, length, language and eval-overlap skips: the same reasons and counts."""
-    from tests.test_prepare import _bad_file
-
-    bad = _bad_file(tmp_path)
+    bad = bad_records_file(tmp_path)
     beir = tmp_path / "beir"
     write_jsonl(beir / "queries.jsonl", [{"_id": "q", "text": "w1"}])  # w1 is the query of a kept pair
     write_jsonl(beir / "corpus.jsonl", [{"_id": "d", "title": "", "text": "w3 w4"}])  # a kept pair's positive
@@ -308,7 +303,7 @@ def test_pipeline_filter_with_a_saved_model_equals_a_brute_force_reference(tmp_p
     from me5.models.saved import load_model, read_saved_settings
     from me5.prep.pipeline import text_key
     from me5.prompts import PromptPolicy
-    from tests.test_data import wordlevel_tokenizer
+    from tests.tiny import wordlevel_tokenizer
 
     torch.manual_seed(0)
     tok = wordlevel_tokenizer()
@@ -389,7 +384,7 @@ def test_the_pipeline_reads_the_consistency_models_own_prompt_style(tmp_path):
     from me5.errors import ConfigError
     from me5.mining.consistency import CallableScorer
     from me5.prep.pipeline import consistency_prompt_style
-    from tests.test_prepare import saved_model_folder
+    from tests.helpers import saved_model_folder
 
     model = str(saved_model_folder(tmp_path / "model", "instruct"))
     assert consistency_prompt_style(ConsistencyOptions(model=model)) == "instruct"

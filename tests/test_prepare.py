@@ -21,7 +21,8 @@ from me5.data.source import Source
 from me5.errors import DataError
 from me5.export import export_encoder
 from me5.prompts import PromptPolicy
-from tests.test_data import pairs, wordlevel_tokenizer, write_jsonl
+from tests.helpers import bad_records_file, pairs, saved_model_folder, write_jsonl
+from tests.tiny import wordlevel_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -146,25 +147,8 @@ def test_resume_after_interruption_gives_the_same_output(tmp_path, gz):
     assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "part" / "s").glob("part-*.parquet")}
 
 
-def _bad_file(tmp_path):
-    lines = [json.dumps(r, ensure_ascii=False) for r in pairs(4, lang="en")]
-    lines += [
-        '{"query": "w1", "positive": ',  # 5 malformed JSON
-        json.dumps({"query": "w1"}),  # 6 missing field
-        json.dumps({"query": "   ", "positive": "w2"}),  # 7 empty text
-        json.dumps({"query": "w1", "positive": 3}),  # 8 wrong type
-        json.dumps({"query": "w1", "positive": "w2 " * 50}),  # 9 too long
-        json.dumps({"query": "кошка", "positive": "w2", "lang": "en"}),  # 10 Cyrillic query declared English
-        json.dumps({"query": "w1", "positive": "w2", "lang": "ja"}),  # 11 language not asked for
-        json.dumps({"query": "w1", "positive": "w2", "negatives": ["w3"], "teacher_scores": [1.0]}),  # 12
-    ]
-    p = tmp_path / "bad.jsonl"
-    p.write_bytes(("\n".join(lines) + "\n").encode() + b'{"query": "\xff\xfe", "positive": "w"}\n')  # 13 undecodable
-    return p
-
-
 def test_bad_records_are_counted_per_reason(tmp_path):
-    p = _bad_file(tmp_path)
+    p = bad_records_file(tmp_path)
     stats = prepare({"s": Source(str(p), long_texts="drop")}, tmp_path / "out",
                     PrepareOptions(max_chars=60, langs=["en", "de"], **OPTS))
     assert stats["s"]["counts"] == {
@@ -223,13 +207,6 @@ def test_consistency_embedder_takes_its_prompts_from_the_policy(tmp_path, monkey
     assert not (tmp_path / "o3").exists()
 
 
-def saved_model_folder(path, style: str):
-    """A model folder whose ``me5.json`` holds only its prompt policy (all ``read_saved_settings`` reads here)."""
-    path.mkdir(parents=True)
-    (path / "me5.json").write_text(json.dumps({"prompts": PromptPolicy(style).to_dict()}), encoding="utf-8")
-    return path
-
-
 def test_the_consistency_model_prompts_by_its_own_saved_policy(tmp_path, monkeypatch):
     """Without ``prompt_style``, the consistency model embeds with the policy it was saved with (its me5.json)."""
     import me5.mining.consistency as consistency
@@ -249,7 +226,7 @@ def test_the_consistency_model_prompts_by_its_own_saved_policy(tmp_path, monkeyp
 
 @pytest.mark.parametrize(("line", "match"), [(5, "malformed JSON"), (6, "field 'positive'"), (13, "UTF-8")])
 def test_strict_mode_names_file_and_line(tmp_path, line, match):
-    p = _bad_file(tmp_path)
+    p = bad_records_file(tmp_path)
     lines = p.read_bytes().split(b"\n")
     keep = lines[:4] + [lines[line - 1]]
     p.write_bytes(b"\n".join(keep) + b"\n")
@@ -276,7 +253,7 @@ def test_cli_single_source_and_config(tmp_path, capsys):
     assert rc == 0 and "wiki" in out and (tmp_path / "o1" / "wiki" / "shards.json").is_file()
     cfg = tmp_path / "prep.yaml"
     cfg.write_text(f"shard_rows: 5\nsources:\n  a:\n    _target_: me5.data.source.Source\n    path: {raw}\n"
-                   f"  b:\n    _target_: me5.data.source.Source\n    path: {_bad_file(tmp_path)}\n")
+                   f"  b:\n    _target_: me5.data.source.Source\n    path: {bad_records_file(tmp_path)}\n")
     assert main(["--config", str(cfg), "--out", str(tmp_path / "o2"), "--no-progress", "--only", "a",
                  "--engine", "inline"]) == 0
     assert json.loads((tmp_path / "o2" / "stats.json").read_text())["a"]["counts"]["kept"] == 20

@@ -92,7 +92,7 @@ def test_evaluator_embeds_with_the_policy(style):
 
 def test_export_writes_the_policy_for_sentence_transformers(tmp_path):
     st = pytest.importorskip("sentence_transformers")
-    from tests.test_export import build_tiny_encoder, build_tokenizer
+    from tests.tiny import build_tiny_encoder, build_tokenizer
 
     tok = build_tokenizer(tmp_path / "tok")
     enc = build_tiny_encoder(tok)

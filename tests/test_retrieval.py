@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 
@@ -13,35 +12,9 @@ from me5.embed.search import exact_search
 from me5.errors import ConfigError, DataError
 from me5.eval.retrieval import RetrievalData, RetrievalEvaluator, format_table, load_beir
 from me5.prompts import PromptPolicy
+from tests.helpers import CORPUS, QRELS, QUERIES, write_beir
 
 E5 = PromptPolicy("e5")
-CORPUS = [
-    {"_id": "d1", "title": "Cats", "text": "t1 cats purr", "lang": "en"},
-    {"_id": "d2", "title": "", "text": "t2 dogs bark", "lang": "en"},
-    {"_id": "d3", "title": "Katzen", "text": "t3 Katzen schnurren", "lang": "de"},
-    {"_id": "d4", "title": None, "text": "t4 Hunde bellen", "lang": "de"},
-    {"_id": "d5", "text": "t5 unrelated", "lang": "en"},
-]
-QUERIES = [
-    {"_id": "q1", "text": "t1 what do cats do", "lang": "en"},
-    {"_id": "q2", "text": "t2 what do dogs do", "lang": "en"},
-    {"_id": "q3", "text": "t3 was machen Katzen", "lang": "de"},
-    {"_id": "q4", "text": "t4 was machen Hunde", "lang": "de"},
-    {"_id": "q5", "text": "t5 not judged in this split", "lang": "de"},
-]
-QRELS = [("q1", "d1", 1), ("q2", "d2", 2), ("q3", "d3", 1), ("q4", "d4", 1), ("q4", "d2", 0)]
-
-
-def write_beir(root, corpus=CORPUS, queries=QUERIES, qrels=QRELS, split="test"):
-    """Write a BEIR folder; ``qrels`` rows are tuples or raw lines."""
-    (root / "qrels").mkdir(parents=True, exist_ok=True)
-    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus), encoding="utf-8")
-    (root / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in queries), encoding="utf-8")
-    lines = ["query-id\tcorpus-id\tscore"] + [
-        r if isinstance(r, str) else "\t".join(map(str, r)) for r in qrels
-    ]
-    (root / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
 
 
 class TopicEncoder:

@@ -19,43 +19,12 @@ from me5.errors import ConfigError
 from me5.mining.output import ShardedOutput
 from me5.mining.teacher import CrossEncoderScorer, ScoreOptions, check_cross_encoder, score_records
 from tests import tiny
-
-
-def pair_tokenizer():
-    """tests/tiny.py's word-level vocabulary with a pair template (``<s> A </s> B </s>``, B of segment 1) that
-    returns segment ids, as a BERT cross-encoder's tokenizer does."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<s>", "<pad>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(tiny.VOCAB_WORDS)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> $B:1 </s>:1", special_tokens=[("<s>", 0), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=128,
-                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
-
-
-def build_cross_encoder(folder: Path, *, num_labels: int = 1, seed: int = 0) -> Path:
-    """A 2-layer BertForSequenceClassification (hidden 32) with its tokenizer, saved to ``folder``."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    tok = pair_tokenizer()
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, type_vocab_size=2, num_labels=num_labels,
-                     pad_token_id=tok.pad_token_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                     initializer_range=0.5)  # wide weights: scores that differ (0.02 gives ~constant logits)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+from tests.helpers import write_jsonl
 
 
 @pytest.fixture(scope="module")
 def cross_encoder(tmp_path_factory) -> Path:
-    return build_cross_encoder(tmp_path_factory.mktemp("ce") / "tiny-ce")
+    return tiny.build_cross_encoder(tmp_path_factory.mktemp("ce") / "tiny-ce")
 
 
 def scored_records(n: int = 30, seed: int = 0) -> list[dict]:
@@ -67,12 +36,6 @@ def scored_records(n: int = 30, seed: int = 0) -> list[dict]:
         out.append({"query": tiny.texts(1, 2, 9, seed=seed + i)[0], "positive": tiny.texts(1, 4, 50, seed=seed + 50 + i)[0],
                     "negatives": negs, "lang": "en"})
     return out
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def direct_scores(folder: Path, pairs, max_length: int) -> np.ndarray:
@@ -181,7 +144,7 @@ def test_score_resumes_after_a_kill_and_shards_over_processes(cross_encoder, tmp
 def test_a_cross_encoder_with_more_than_one_logit_is_a_clear_error(tmp_path, capsys):
     from me5.app.score import main
 
-    two = build_cross_encoder(tmp_path / "two-labels", num_labels=2)
+    two = tiny.build_cross_encoder(tmp_path / "two-labels", num_labels=2)
     with pytest.raises(ConfigError, match="num_labels=2") as err:
         check_cross_encoder(str(two))
     assert str(two) in str(err.value)

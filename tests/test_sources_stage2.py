@@ -8,7 +8,6 @@ skips are counted by reason, and malformed input names file:line and the raw fie
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,38 +15,20 @@ import pytest
 from me5.data import Source
 from me5.data.sources import STAGE2_SOURCES
 from me5.data.sources.stage2 import (
-    ELI5,
     FEVER,
     MIRACL,
     NLI,
     DuReader,
     HotpotQA,
     MrTyDi,
-    MSMarcoDocument,
     MSMarcoPassage,
-    NaturalQuestions,
     NLLBSupervised,
     QuoraDuplicates,
-    SQuAD,
-    TriviaQA,
 )
 from me5.errors import ConfigError, DataError
 from me5.prompts import TASKS
-from tests.helpers import format_item
-
-FIX = Path(__file__).parent / "fixtures" / "raw" / "stage2"
-
-MANHATTAN = "The presence of communication amid scientific minds was equally important to the success of the Manhattan Project as scientific intellect was."
-SPUTNIK = "The Launch of Sputnik, 1957. The Soviets responded with yet another launch, and the space race continued."
-BOMB = "The Manhattan Project and its atomic bomb helped bring an end to World War II."
-JUSTICE_Q = "_________ justice is designed to repair the harm to victim, the community and the offender caused by the offender criminal act."
-HOLIDAY_POS = "根据国务院规定，全体公民放假的节日共有11天。"
-HOLIDAY_NEG = ["春节是中国最重要的传统节日。", "周末双休日不属于法定节假日。"]
-PASSPORT_POS = "办理护照需要携带身份证到出入境管理部门申请。"
-
-
-def ex(query, positive, negatives=(), scores=None, lang="en"):
-    return (query, positive, tuple(negatives), None if scores is None else tuple(scores), lang)
+from tests.helpers import JUSTICE_Q, format_item, stage2_cases
+from tests.helpers import RAW_STAGE2 as FIX
 
 
 def load(cls, rel, **kwargs):
@@ -57,171 +38,8 @@ def load(cls, rel, **kwargs):
     return counts, examples, got
 
 
-CASES = [
-    pytest.param(
-        MSMarcoPassage, "msmarco_passage/train.jsonl", {"strict": False},
-        [
-            ex(")what was the immediate impact of the success of the manhattan project?", MANHATTAN, [SPUTNIK, BOMB]),
-            ex(
-                JUSTICE_Q,
-                "Restorative justice is an approach to justice that focuses on repairing the harm caused by crime.",
-                [
-                    "Distributive justice deals with the fairness of the distribution of benefits or burdens.",
-                    "The criminal justice system consists of three main parts: legislative, adjudication and corrections.",
-                ],
-                scores=[9.5, 3.25, 1.0],
-            ),
-        ],
-        # a positive without its raw "text": missing_field (the one taxonomy of me5.data.records)
-        {"read": 4, "kept": 2, "skipped/no_positive": 1, "skipped/missing_field": 1},
-        id="msmarco_passage",
-    ),
-    pytest.param(
-        MSMarcoDocument, "msmarco_document/msmarco_document.jsonl", {},
-        [
-            ex("how long is a cat pregnant", "Cat Pregnancy Cats are pregnant for about 63 to 65 days, roughly nine weeks.",
-               ["Dog Pregnancy Dogs are pregnant for about 63 days from conception."]),
-            ex("what is the capital of peru", "Lima - Wikipedia Lima is the capital and the largest city of Peru.",
-               ["Cusco - Wikipedia Cusco was the capital of the Inca Empire."]),
-        ],
-        {"read": 2, "kept": 2},
-        id="msmarco_document",
-    ),
-    pytest.param(
-        NaturalQuestions, "nq/train.jsonl", {},
-        [
-            ex("big little lies season 2 how many episodes",
-               "Big Little Lies (TV series) The second season of Big Little Lies consists of seven episodes.",
-               ["Little Big Man (film) Little Big Man is a 1970 American western film.",
-                "Big Little Lies (novel) Big Little Lies is a 2014 novel by Liane Moriarty."]),
-        ],
-        {"read": 2, "kept": 1, "skipped/empty_negative": 1},
-        id="nq",
-    ),
-    pytest.param(
-        TriviaQA, "triviaqa/train.jsonl", {},
-        [
-            ex("Which Lloyd Webber musical premiered in the US on 10th December 1993?",
-               "Sunset Boulevard (musical) Sunset Boulevard is a musical with music by Andrew Lloyd Webber that opened on "
-               "Broadway in 1994 after its 1993 US premiere in Los Angeles.",
-               ["Cats (musical) Cats is a sung-through musical composed by Andrew Lloyd Webber."]),
-        ],
-        {"read": 1, "kept": 1},
-        id="triviaqa",
-    ),
-    pytest.param(
-        SQuAD, "squad/train.parquet", {},
-        [
-            ex("What sits on top of the Main Building at Notre Dame?",
-               "University of Notre Dame Architecturally, the school has a Catholic character. Atop the Main Building's "
-               "gold dome is a golden statue of the Virgin Mary."),
-            ex("When did Beyonce start becoming popular?",
-               "Beyoncé Beyoncé Giselle Knowles-Carter is an American singer, songwriter, record producer and actress."),
-        ],
-        {"read": 2, "kept": 2},
-        id="squad",
-    ),
-    pytest.param(
-        NLI, "nli", {},  # a folder of parquet shards, as a hub snapshot is
-        [
-            ex("A person on a horse jumps over a broken down airplane.", "A person is outdoors, on a horse.",
-               ["A person is at a diner, ordering an omelette."]),
-            ex("Children smiling and waving at camera", "There are children present", ["The kids are frowning"]),
-        ],
-        {"read": 2, "kept": 2},
-        id="nli",
-    ),
-    pytest.param(
-        ELI5, "eli5/train.parquet", {},
-        [ex("Why do we get goosebumps?",
-            "Tiny muscles at the base of each hair contract, a leftover reflex from furrier ancestors.")],
-        {"read": 2, "kept": 1, "skipped/empty_answer": 1},
-        id="eli5",
-    ),
-    pytest.param(
-        NLLBSupervised, "nllb/eng_Latn-fra_Latn.jsonl", {"min_laser_score": 1.1},
-        [
-            ex("The cat sleeps on the sofa.", "Le chat dort sur le canapé.", lang="eng_Latn-fra_Latn"),
-            ex("Where is the train station?", "Où est la gare ?", lang="eng_Latn-fra_Latn"),
-        ],
-        {"read": 3, "kept": 2, "skipped/low_laser_score": 1},
-        id="nllb",
-    ),
-    pytest.param(
-        DuReader, "dureader/train.jsonl", {},
-        [ex("国家法定节假日共多少天", HOLIDAY_POS, HOLIDAY_NEG, lang="zh"), ex("如何办理护照", PASSPORT_POS, lang="zh")],
-        {"read": 2, "kept": 2},
-        id="dureader",
-    ),
-    pytest.param(
-        DuReader, "dureader/bge-m3/dureader_len-0-500.jsonl", {},  # FlagEmbedding layout, teacher scores
-        [
-            ex("国家法定节假日共多少天", HOLIDAY_POS, HOLIDAY_NEG, scores=[0.97, 0.12, 0.34], lang="zh"),
-            ex("如何办理护照", PASSPORT_POS, ["身份证补办流程。"], scores=[0.91, 0.05], lang="zh"),
-        ],
-        {"read": 2, "kept": 2},
-        id="dureader_bge",
-    ),
-    pytest.param(
-        FEVER, "fever/train.parquet", {},
-        [
-            ex("Nikolaj Coster-Waldau worked with the Fox Broadcasting Company.",
-               "Nikolaj Coster-Waldau Nikolaj William Coster-Waldau is a Danish actor who starred in the Fox television film Virtuality.",
-               ["Fox Broadcasting Company The Fox Broadcasting Company is an American television network.",
-                "Game of Thrones Game of Thrones is an American fantasy drama television series."]),
-            ex("Roman Atwood is a content creator.",
-               "Roman Atwood Roman Bernard Atwood is an American YouTube personality and prankster.",
-               ["YouTube YouTube is an American video-sharing website."]),
-        ],
-        {"read": 2, "kept": 2},
-        id="fever",
-    ),
-    pytest.param(
-        HotpotQA, "hotpotqa/train.parquet", {},
-        [
-            ex("Which magazine was started first Arthur's Magazine or First for Women?",
-               "Arthur's Magazine Arthur's Magazine (1844-1846) was an American literary periodical.",
-               ["Women's Health Women's Health is a magazine on health published by Hearst."]),
-        ],
-        {"read": 2, "kept": 1, "skipped/no_positive": 1},
-        id="hotpotqa",
-    ),
-    pytest.param(
-        QuoraDuplicates, "quora/train.parquet", {},
-        [
-            ex("Astrology: I am a Capricorn Sun Cap moon and cap rising...what does that say about me?",
-               "I'm a triple Capricorn (Sun, Moon and ascendant in Capricorn) What does this say about me?",
-               ["What is the best way to learn astrology?"]),
-            ex("How can I be a good geologist?", "What should I do to be a great geologist?",
-               ["How can I become a good software engineer?"]),
-        ],
-        {"read": 2, "kept": 2},
-        id="quora",
-    ),
-    pytest.param(
-        MrTyDi, "mrtydi/train.jsonl", {"lang": "ja"},
-        [
-            ex("日本の首都はどこですか？", "東京都 東京都は日本の首都であり、関東地方に位置する。",
-               ["京都市 京都市は794年から1869年まで日本の首都であった。"], lang="ja"),
-            ex("富士山の高さは？", "富士山 富士山は標高3776メートルの日本最高峰である。", lang="ja"),
-        ],
-        {"read": 2, "kept": 2},
-        id="mrtydi",
-    ),
-    pytest.param(
-        MIRACL, "miracl/train.jsonl", {"lang": "sw", "strict": False},
-        [
-            ex("Je, Mlima Kilimanjaro una urefu gani?",
-               "Kilimanjaro Kilimanjaro ni mlima mrefu kuliko yote barani Afrika, wenye urefu wa mita 5,895.",
-               ["Mlima Kenya Mlima Kenya ni mlima mrefu wa pili barani Afrika."], lang="sw"),
-            ex("Mji mkuu wa Tanzania ni upi?", "Dodoma Dodoma ni mji mkuu wa Tanzania.",  # the first positive only
-               ["Dar es Salaam Dar es Salaam ni jiji kubwa zaidi nchini Tanzania."], lang="sw"),
-        ],
-        # a negative that is an int: the layout's "expected a passage object or a string" is a bad_type
-        {"read": 3, "kept": 2, "skipped/bad_type": 1},
-        id="miracl",
-    ),
-]
+# (class, path under FIX, constructor kwargs, expected examples, expected counts)
+CASES = stage2_cases()
 
 
 @pytest.mark.parametrize(("cls", "rel", "kwargs", "expected", "counts"), CASES)

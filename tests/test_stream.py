@@ -20,8 +20,8 @@ from me5.data import PairBatchStream, PairCollator, PairDataModule, Source
 from me5.data.mixture import mixture_scalars
 from me5.data.stream import deal_units
 from me5.errors import ConfigError, DataError
-from tests.helpers import connect, one_source
-from tests.test_data import pairs, wordlevel_tokenizer, write_jsonl
+from tests.helpers import connect, one_source, pairs, write_jsonl
+from tests.tiny import wordlevel_tokenizer
 
 
 @pytest.fixture(scope="module")

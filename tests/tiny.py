@@ -62,6 +62,11 @@ def texts(n: int, lo: int, hi: int, seed: int) -> list[str]:
     return [" ".join(f"w{rng.randrange(VOCAB_WORDS)}" for _ in range(rng.randint(lo, hi))) for _ in range(n)]
 
 
+def corpus(n: int = 24, seed: int = 3) -> tuple[list[str], list[str]]:
+    """A corpus of ``n`` texts of 1-40 words: its ids ``doc0 ..`` and texts."""
+    return [f"doc{i}" for i in range(n)], texts(n, 1, 40, seed=seed)
+
+
 def batch_from_texts(queries: list[str], passages: list[str], group: int, teacher=None) -> dict:
     """What ``PairCollator`` returns, from already-formatted texts (right padding)."""
     tok = tokenizer()
@@ -136,3 +141,96 @@ def assert_grads_close(got, want, atol=1e-5):
         else:
             assert got[name] is not None, name
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------- more tokenizers and models
+def wordlevel_tokenizer():
+    """A word-level tokenizer (``w0 .. w199`` and a few words in other scripts) with XLM-R's special tokens and
+    template (``<s> ... </s>``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(200)] + ["query:", "passage:", "кошка", "猫", "قطة", "बिल्ली"]
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
+                                   model_max_length=64)
+
+
+SENTENCES = [
+    "the cat sits on the mat",
+    "a dog runs in the park",
+    "der Hund läuft im Park",
+    "die Katze schläft auf dem Sofa",
+    "le chat dort sur le canapé",
+    "el perro come su comida",
+    "il gatto dorme sul divano",
+    "o cachorro corre no parque",
+    "кошка спит на диване",
+    "собака бежит в парке",
+    "猫はソファで寝ている",
+    "犬が公園を走っている",
+    "고양이가 소파에서 잔다",
+    "القطة تنام على الأريكة",
+    "बिल्ली सोफे पर सो रही है",
+]
+
+
+def build_tokenizer(out_dir):
+    """An XLM-R-style Unigram tokenizer trained on ~50 multilingual sentences (:data:`SENTENCES`), saved to
+    ``out_dir``."""
+    from me5.models.tokenizer import train_unigram_tokenizer
+
+    texts = [s for s in SENTENCES for _ in range(3)] + [s.upper() for s in SENTENCES[:5]]
+    return train_unigram_tokenizer(texts, out_dir, vocab_size=300, model_max_length=128)
+
+
+def build_tiny_encoder(tokenizer, pooling="mean", normalize=True, seed=0) -> Encoder:
+    """A 2-layer XLM-R encoder (hidden 64) over ``tokenizer``, in eval mode."""
+    torch.manual_seed(seed)
+    return Encoder.from_scratch(
+        tokenizer=tokenizer,
+        model_type="xlm-roberta",
+        pooling=pooling,
+        normalize=normalize,
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+    ).eval()
+
+
+def pair_tokenizer():
+    """:func:`tokenizer`'s word-level vocabulary with a pair template (``<s> A </s> B </s>``, B of segment 1) that
+    returns segment ids, as a BERT cross-encoder's tokenizer does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(VOCAB_WORDS)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B:1 </s>:1", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=128,
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
+def build_cross_encoder(folder, *, num_labels: int = 1, seed: int = 0):
+    """A 2-layer BertForSequenceClassification (hidden 32) with its tokenizer, saved to ``folder``."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = pair_tokenizer()
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, type_vocab_size=2, num_labels=num_labels,
+                     pad_token_id=tok.pad_token_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     initializer_range=0.5)  # wide weights: scores that differ (0.02 gives ~constant logits)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

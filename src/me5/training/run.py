@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from me5.batching import BatchPlan
 from me5.errors import ConfigError
 from me5.eval.suite import evaluate_all
+from me5.export import export_encoder
 from me5.losses import WeightedLoss
 from me5.training.checkpointing import resume_checkpoint
 from me5.training.record import DONE, RunRecord
@@ -205,8 +206,6 @@ def run_stage(stage: StageRun, *, encoder, tokenizer, prompts, evaluators: Mappi
             for lg in fit.loggers:
                 lg.log_metrics({f"test/{k}": v for k, v in record.results[spec.name].items()}, step=fit.global_step)
     if fit.is_global_zero:
-        from me5.export import export_encoder
-
         export_encoder(encoder, tokenizer, record.export_dir(spec.name), prompts=prompts,
                        extra_metadata={"stage": spec.name, **options.export_metadata})
         if evaluated and options.eval_after == "job":
