@@ -37,12 +37,12 @@ import json
 import math
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from benchmarks.timing import best_time
 from me5.prompts import PromptPolicy
 
 MIRACL_EN_PASSAGES = 32_893_221  # miracl-corpus v1.0 English (MIRACL, Zhang et al. 2023, Table 1)
@@ -131,20 +131,6 @@ def make_passages(tokenizer, n: int, *, seed: int = 0, median: float = 90.0, sig
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best_time(fn, device, repeats: int) -> tuple[float, torch.Tensor]:
-    out, best = None, math.inf
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 METHODS = ("me5", "packed", "st")
@@ -197,7 +183,7 @@ def bench_model(model: str, *, n: int, batch_size: int, max_length: int, device:
         fn = st_fn() if method == "st" else me5_fn(method == "packed")
         with torch.inference_mode():
             fn()  # warm-up: allocator, kernels, tokenizer caches
-            timed[method] = _best_time(fn, device, repeats)
+            timed[method] = best_time(fn, device, repeats)
         _free(device)
     ref = "st" if "st" in timed else "me5" if "me5" in timed else None
     out = []

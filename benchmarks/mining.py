@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.timing import best_time, sync
 from me5.prompts import PromptPolicy
 
 E5 = PromptPolicy("e5")  # the prompts sentence-transformers gets: the same strings as me5's
@@ -141,11 +142,11 @@ def bench_me5(records, retriever: Path, work: Path, *, label: str, index: str, p
         out = work / f"{label}-{run}"
         if run == "cold" and corpus_cache.exists():
             shutil.rmtree(corpus_cache)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         mine(plan, encoder, tokenizer, out, options=opts, prompts=settings.prompts, rank=0,
              world=1, work_dir=corpus_cache, device=dev)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     exs, _ = Source(str(work / f"{label}-warm")).load_examples()
     return {"method": label, "cold": times[0], "warm": times[1], "negatives": {e.query: list(e.negatives) for e in exs},
@@ -170,13 +171,13 @@ def bench_st(records, retriever: Path, work: Path, *, label: str, use_faiss: boo
     for _ in ("cold", "warm"):
         for f in cache.glob("query_embeddings_*.npy"):  # only the corpus is kept, as for me5
             f.unlink()
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         mined = mine_hard_negatives(ds, st, corpus=corpus, range_min=0, range_max=range_max, relative_margin=0.05,
                                     num_negatives=n, sampling_strategy="top", query_prompt=E5.query(),
                                     corpus_prompt=E5.document(), output_format="labeled-list", batch_size=batch,
                                     use_faiss=use_faiss, cache_folder=str(cache), verbose=False)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return {"method": label, "cold": times[0], "warm": times[1],
             "negatives": {row["query"]: row["positive"][1:] for row in mined}, "Q": len(records), "N": len(corpus)}
@@ -204,27 +205,13 @@ def bench_scoring(records, teacher: Path, *, batch: int, device: torch.device, r
 
     with torch.inference_mode():
         run_ours(), run_theirs()  # warm-up
-        t_me5, s_me5 = _best(run_ours, device, repeats)
-        t_st, s_st = _best(run_theirs, device, repeats)
+        t_me5, s_me5 = best_time(run_ours, device, repeats)
+        t_st, s_st = best_time(run_theirs, device, repeats)
     diff = float((s_me5 - s_st).abs().max())
     return [{"method": m, "pairs": len(pairs), "seconds": t, "pairs_per_s": len(pairs) / t, "vs_st": t_st / t,
              "max_diff": diff, "precision": ours.precision} for m, t in (("me5", t_me5), ("st", t_st))]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best(fn, device, repeats: int):
-    best, out = math.inf, None
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 # ---------------------------------------------------------------------------------------------- tables

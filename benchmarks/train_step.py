@@ -72,6 +72,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from benchmarks.timing import sync
+
 # ---------------------------------------------------------------------------------------------- models
 _DROPOUT = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
 MODEL_SHAPES: dict[str, dict] = {
@@ -224,11 +226,6 @@ def executed_shapes(call_shapes: Sequence[tuple[int, int] | None], method: str) 
 
 
 # ---------------------------------------------------------------------------------------------- timing helpers
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_peak_flops(device: torch.device, *, seconds: float = 0.5) -> tuple[float, str]:
     """The best matmul FLOP/s measured here: bf16 n=8192 on CUDA, fp32 n=1024 on CPU."""
     if device.type == "cuda":
@@ -239,13 +236,13 @@ def measure_peak_flops(device: torch.device, *, seconds: float = 0.5) -> tuple[f
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    _sync(device)
+    sync(device)
     best, t_end = 0.0, time.perf_counter() + seconds
     while True:
         t0 = time.perf_counter()
         for _ in range(10 if device.type == "cuda" else 1):
             a @ b
-        _sync(device)
+        sync(device)
         dt = time.perf_counter() - t0
         best = max(best, (10 if device.type == "cuda" else 1) * 2.0 * n**3 / dt)
         if time.perf_counter() > t_end:
@@ -296,15 +293,22 @@ def ours_step_fn(encoder, device, *, chunk_tokens: int | None, chunk_rows: int |
     def grad_step(batch: dict) -> Tensor:
         return module.compute_loss_and_backward(batch).loss
 
+    return _optimizer_step(grad_step, module.parameters, opt, counted=encoder)
+
+
+def _optimizer_step(grad_step: Callable[[dict], Tensor], parameters: Callable, opt, *, counted) -> Callable:
+    """One training step around ``grad_step`` (loss and backward): clip at 1.0, step, zero the gradients. It carries
+    ``grad_step``, ``counted`` (the module whose calls are the encoder calls) and ``cleanup()``."""
+
     def step(batch: dict) -> Tensor:
         loss = grad_step(batch)
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
     step.grad_step = grad_step  # type: ignore[attr-defined]
-    step.counted = encoder  # type: ignore[attr-defined]
+    step.counted = counted  # type: ignore[attr-defined]
     step.cleanup = lambda: opt.state.clear()  # type: ignore[attr-defined]
     return step
 
@@ -358,17 +362,7 @@ def st_step_fn(st_model, device, *, mini_batch: int, scale: float = 100.0) -> Ca
         loss.backward()
         return loss.detach()
 
-    def step(batch: dict) -> Tensor:
-        loss = grad_step(batch)
-        torch.nn.utils.clip_grad_norm_(st_model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    step.grad_step = grad_step  # type: ignore[attr-defined]
-    step.counted = st_model  # type: ignore[attr-defined]
-    step.cleanup = lambda: opt.state.clear()  # type: ignore[attr-defined]
-    return step
+    return _optimizer_step(grad_step, st_model.parameters, opt, counted=st_model)
 
 
 @torch.no_grad()
@@ -503,11 +497,11 @@ def _run(step: Callable, batch: dict, device: torch.device, precision: str):
 
 def _timed(step: Callable, batch: dict, device: torch.device, precision: str) -> tuple[float, float]:
     """One step, synchronised before and after: (seconds, loss)."""
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with _autocast(device, precision):
         loss = step(batch)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0, float(loss)
 
 

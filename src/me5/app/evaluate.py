@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from me5.errors import ConfigError, DataError, Me5Error
+from me5.jsonio import write_json, write_text
 
 # a saved model's settings and loading (the library's: the consistency filter reads models the same way)
 from me5.models.saved import load_model, read_saved_settings
@@ -293,15 +294,9 @@ class SuiteState:
         self.out.mkdir(parents=True, exist_ok=True)
         record = {"format": STATE_FORMAT, **meta, "fingerprint": self.fingerprint, "metrics": self.metrics,
                   "done": self.done, "paper": table.records(), "timings_s": self.timings}
-        _atomic_write(self.out / "metrics.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-        _atomic_write(self.out / "results.md", table.markdown() + "\n")
+        write_json(self.out / "metrics.json", record, indent=2)
+        write_text(self.out / "results.md", table.markdown() + "\n")
         return table, record
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 @dataclass

@@ -28,6 +28,7 @@ import numpy as np
 from me5.data.readers import iter_jsonl
 from me5.data.schema import PairExample
 from me5.errors import DataError
+from me5.jsonio import write_atomic
 
 
 # ============================================================================================== eval sets
@@ -133,11 +134,7 @@ def load_eval_digests(folders: Iterable[str | os.PathLike]) -> np.ndarray:
 
 def save_digests(path: str | os.PathLike, digests: np.ndarray) -> None:
     """Write a digest array for :meth:`EvalOverlap.from_file` (atomic: a temporary file renamed)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(digests, dtype=np.uint64))
-    os.replace(tmp, path)
+    write_atomic(Path(path), lambda fh: np.save(fh, np.asarray(digests, dtype=np.uint64)))
 
 
 class EvalOverlap:

@@ -16,12 +16,12 @@ import numpy as np
 
 from me5.data.readers import iter_records
 from me5.data.schema import PairExample
+from me5.data.sources.layouts import NO_TITLE
 from me5.errors import ConfigError, DataError
 from me5.mining.options import MineOptions
 
 log = logging.getLogger(__name__)
 
-NO_TITLE = ("", "-")  # me5.data.sources.layouts: "-" is RocketQA's no-title placeholder
 ID_FIELDS = ("_id", "id", "docid")
 
 

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from me5.errors import ConfigError, DataError
+from me5.jsonio import write_text
 from me5.prompts import E5_DOCUMENT, E5_QUERY
 
 log = logging.getLogger(__name__)
@@ -303,9 +304,7 @@ def ensure_sample_tokenizer(
         tok = train_unigram_tokenizer(
             _sample_texts(data_dir), tok_dir, vocab_size=vocab_size, model_max_length=model_max_length
         )
-        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(wanted) + "\n", encoding="utf-8")
-        os.replace(tmp, marker)
+        write_text(marker, json.dumps(wanted) + "\n")
     if check:
         check_no_unk(tok, _script_samples(data_dir))
     return tok

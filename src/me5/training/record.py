@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from me5.jsonio import read_json, write_text
+from me5.jsonio import read_json, write_json, write_text
 
 DONE = "done.json"  # <run dir>/checkpoints/<stage>/done.json: the stage trained, exported and evaluated
 
@@ -49,7 +49,7 @@ class RunRecord:
         table = format_table(dict(self.results)) if self.results else "(no evaluation configured)"
         payload = {"results": self.results, "timings_s": self.timings, "data_counts": self.data_counts,
                    "meta": self.meta}
-        write_text(self.metrics_file, json.dumps(payload, indent=2, ensure_ascii=False, default=str))
+        write_json(self.metrics_file, payload, indent=2, end="", default=str)
         write_text(Path(self.out_dir) / "results.md", table + "\n")
         if show:
             print("\n" + table + f"\n\nmetrics: {self.metrics_file}\n", flush=True)
